@@ -1,0 +1,1021 @@
+"""rlvr_entropy.py: how entropy shapes RL with verifiable rewards (RLVR), in one file.
+
+Trains a causal LM on math with GRPO and a verifiable 0/1 reward. It logs token entropy,
+response perplexity and what the update does every step. It also implements the
+advantage-shaping methods of
+
+  [A] Deng et al., "Decomposing the Entropy-Performance Exchange: The Missing Keys to
+      Unlocking Effective Reinforcement Learning", arXiv 2508.02260 (2025):
+      perplexity-based ("ppl") and position-based ("position") advantage shaping.
+
+Read it top to bottom. The core path is sections 1-7:
+data -> reward -> rollout -> log-probs -> advantages -> loss -> step.
+Sections 8-10 cover evaluation, the built-in tiny model with its warm-up, and the
+command line.
+
+    python rlvr_entropy.py --method ppl                 # tiny preset on CPU, a few minutes
+    python rlvr_entropy.py --preset gsm8k --method ppl  # Qwen2.5-0.5B-Instruct on GSM8K, one GPU
+
+Every function takes tensors and plain values and returns tensors, so you can copy any of
+them into your own trainer. Shapes: B = responses in a batch (= prompts x G), G = group
+size, T = completion length, V = vocabulary size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import time
+import unicodedata
+from fractions import Fraction
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+# transformers, datasets, tokenizers and tqdm are imported where they are first needed, so
+# the math in this file can be imported and tested without loading them.
+
+METHODS = ("grpo", "ppl", "position")
+
+
+# =========================================================================================
+# 1. Data
+# Every example is a dict {"question": str, "answer": str}. "answer" is the gold final
+# answer only, for example "18". Three sources: GSM8K from the hub, any local file, and a
+# built-in arithmetic task that is generated in code, so the tiny preset needs no download.
+# =========================================================================================
+
+
+def gold_answer(solution: str) -> str:
+    """GSM8K writes the gold answer after '####' at the end of the worked solution."""
+    _, sep, tail = solution.rpartition("####")
+    return (tail if sep else solution).strip()
+
+
+def make_arithmetic_problem(rng: random.Random, n_terms: tuple[int, int] = (4, 5),
+                            max_operand: int = 9, max_value: int = 19) -> dict:
+    """One built-in problem. The solution shows its work one operation per step.
+
+    question "7-1+9-7", solution "7-1=6 6+9=15 15-7=8 #### 8", answer "8".
+    Every running value stays in [0, max_value]: a small model then has a table of about
+    200 one-step facts to learn, and what makes a problem hard is chaining them.
+    """
+    value = rng.randint(1, max_operand)
+    question, steps = str(value), []
+    for _ in range(rng.randint(*n_terms) - 1):
+        term = rng.randint(1, max_operand)
+        ops = [op for op, new in (("+", value + term), ("-", value - term)) if 0 <= new <= max_value]
+        op = rng.choice(ops)  # never empty when max_value >= 2 * max_operand
+        new = value + term if op == "+" else value - term
+        question += f"{op}{term}"
+        steps.append(f"{value}{op}{term}={new}")
+        value = new
+    return {"question": question, "solution": " ".join(steps) + f" #### {value}",
+            "answer": str(value)}
+
+
+def builtin_task(n: int, seed: int, exclude: set[str] | None = None) -> list[dict]:
+    """n problems drawn with random.Random(seed), skipping questions in `exclude`.
+
+    The held-out split uses another seed and excludes every training question, so the two
+    splits share no problem.
+    """
+    rng, out, seen = random.Random(seed), [], set(exclude or ())
+    while len(out) < n:
+        p = make_arithmetic_problem(rng)
+        if p["question"] not in seen:
+            seen.add(p["question"])
+            out.append(p)
+    return out
+
+
+def load_gsm8k(split: str) -> list[dict]:
+    """GSM8K ('main' config) from the Hugging Face hub: question + gold answer after '####'."""
+    from datasets import load_dataset
+
+    rows = load_dataset("openai/gsm8k", "main", split=split)
+    return [{"question": r["question"], "answer": gold_answer(r["answer"])} for r in rows]
+
+
+def load_local_dataset(path: str, question_field: str = "question",
+                       answer_field: str = "answer") -> list[dict]:
+    """A .jsonl / .json / .parquet / .csv file with one problem per row.
+
+    If the answer field holds a worked solution with '####', the part after it is used.
+    Raises ValueError naming the first row that lacks a field.
+    """
+    from datasets import load_dataset
+
+    kinds = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+    suffix = Path(path).suffix.lower()
+    if suffix not in kinds:
+        raise ValueError(f"dataset {path} must end in one of {', '.join(kinds)}")
+    if not Path(path).is_file():
+        raise ValueError(f"dataset file {path} does not exist")
+    rows = load_dataset(kinds[suffix], data_files=str(path), split="train")
+    out = []
+    for i, r in enumerate(rows):
+        for field in (question_field, answer_field):
+            if r.get(field) is None or str(r[field]).strip() == "":
+                raise ValueError(f"row {i} of {path} has no field '{field}' "
+                                 f"(set --question-field / --answer-field)")
+        out.append({"question": str(r[question_field]),
+                    "answer": gold_answer(str(r[answer_field]))})
+    return out
+
+
+def build_prompt(tokenizer, question: str, instruction: str = "") -> str:
+    """The text the policy continues. Uses the tokenizer's chat template when it has one,
+    because instruct models were trained on it. Otherwise a plain Question/Answer form."""
+    content = f"{question}\n{instruction}" if instruction else question
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": content}],
+                                             tokenize=False, add_generation_prompt=True)
+    return f"Question: {content}\nAnswer: "
+
+
+# =========================================================================================
+# 2. Verifiable reward
+# r = 1 if the final answer in the response equals the gold answer, else 0. The answer is
+# read from '#### x' (GSM8K's convention) first, then from the last '\boxed{x}'. We do not
+# fall back to "the last number in the text" unless asked (--last-number-fallback): that
+# fallback rewards a response that merely mentions the right number on the way to a wrong
+# one, and learning to state the answer is part of the task. Answers are compared as exact
+# rationals (18 = 18.00 = $18, 1,234 = 1234, 3/4 = 0.75, -3 = −3); anything that is not a
+# plain number is compared as a normalised string. The model's text is never evaluated.
+# Every regex below has no nested quantifiers, so each runs in linear time on any input.
+# =========================================================================================
+
+_NUMBER = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:/[0-9]+)?")
+_LAST_NUMBER = re.compile(r"-?[0-9][0-9,]*(?:\.[0-9]+)?")
+_THOUSANDS_COMMA = re.compile(r"(?<=[0-9]),(?=[0-9]{3}(?![0-9]))")
+_FRAC = re.compile(r"\\[dt]?frac\{(-?[0-9]+)\}\{(-?[0-9]+)\}")
+_TEXT = re.compile(r"\\(?:text|mathrm|textbf)\{([^{}]*)\}")
+MAX_NUMBER_CHARS = 64  # longer "numbers" are compared as strings (no huge-int parsing)
+
+
+def _braced(text: str, start: int) -> str | None:
+    """Content of the {...} group that opens at or after `start` (spaces allowed), or None
+    if the braces never close. One forward scan, so it is linear-time."""
+    i = start
+    while i < len(text) and text[i] == " ":
+        i += 1
+    if i >= len(text) or text[i] != "{":
+        return None
+    depth = 0
+    for j in range(i, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i + 1:j]
+    return None
+
+
+def extract_answer(text: str, last_number_fallback: bool = False) -> str | None:
+    """Final answer of a response: after the last '####', else inside the last
+    '\\boxed{...}', else (only if asked) the last number in the text. None if absent."""
+    _, sep, tail = text.rpartition("####")
+    if sep:
+        line = tail.split("\n", 1)[0].strip()  # the rest of the '####' line
+        if line:
+            return line
+    k = text.rfind("\\boxed")
+    if k >= 0:
+        inner = _braced(text, k + len("\\boxed"))
+        if inner is not None:
+            return inner
+    if last_number_fallback:
+        last = None
+        for last in _LAST_NUMBER.finditer(text):
+            pass
+        return last.group(0) if last else None
+    return None
+
+
+def normalize_answer(s: str) -> str:
+    """Canonical string form: NFKC (full-width digits -> ASCII), unicode minus -> '-',
+    LaTeX decoration, '$', spaces, markdown bold, trailing '.', and thousands commas removed."""
+    s = unicodedata.normalize("NFKC", s).replace("\u2212", "-").replace("\u2013", "-")
+    s = _TEXT.sub(r"\1", s)
+    s = _FRAC.sub(r"\1/\2", s)
+    for junk in ("\\left", "\\right", "\\!", "\\,", "\\;", "\\ ", "\\$", "$", "**", " "):
+        s = s.replace(junk, "")
+    s = _THOUSANDS_COMMA.sub("", s.strip().rstrip("."))
+    return s.lower()
+
+
+def parse_number(s: str) -> Fraction | None:
+    """An exact rational for a normalised plain number ('-12', '0.75', '3/4'), else None."""
+    if len(s) > MAX_NUMBER_CHARS or not _NUMBER.fullmatch(s):
+        return None
+    try:
+        return Fraction(s)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def math_reward(completion: str, gold: str, last_number_fallback: bool = False) -> float:
+    """Verifiable reward r in {0, 1}: does the response's final answer equal the gold one?"""
+    pred = extract_answer(completion, last_number_fallback)
+    if pred is None:
+        return 0.0
+    p, g = normalize_answer(pred), normalize_answer(gold)
+    pn, gn = parse_number(p), parse_number(g)
+    if pn is not None and gn is not None:
+        return float(pn == gn)
+    return float(p != "" and p == g)
+
+
+def math_verify_reward(completion: str, gold: str) -> float:
+    """The same reward judged by the `math-verify` library, for LaTeX answers (MATH-style).
+    It is an optional dependency: pip install math-verify."""
+    from math_verify import parse, verify
+
+    return float(verify(parse(f"${gold}$"), parse(completion)))
+
+
+# =========================================================================================
+# 3. Rollouts
+# G responses per prompt, sampled in one batched model.generate call with the KV cache.
+# Prompts are left-padded so every prompt ends at the same column and the completions
+# start together. Each prompt's G copies sit next to each other: rows g*G .. g*G+G-1.
+# =========================================================================================
+
+
+@torch.no_grad()
+def generate_rollouts(model, tokenizer, prompts: list[str], group_size: int,
+                      max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
+                      greedy: bool = False, eos_token_ids: list[int] | None = None) -> dict:
+    """Sample `group_size` completions for each prompt.
+
+    Returns a dict of tensors on the model's device:
+      input_ids       (B, P+T)  prompt + completion; B = len(prompts) * group_size
+      attention_mask  (B, P+T)  1 on prompt tokens and valid completion tokens
+      completion_ids  (B, T)
+      completion_mask (B, T)    1.0 up to and including the first EOS, 0.0 after it
+      truncated       (B,)      True if the response hit max_new_tokens without an EOS
+    """
+    device = next(model.parameters()).device
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    prompt_ids = enc.input_ids.repeat_interleave(group_size, 0).to(device)
+    prompt_mask = enc.attention_mask.repeat_interleave(group_size, 0).to(device)
+    eos = eos_token_ids or [tokenizer.eos_token_id]
+    # Every sampling knob is passed explicitly: values left unset would be taken from the
+    # checkpoint's generation_config (Qwen instruct ships top_k=20, repetition_penalty>1),
+    # and then the sampler would not be the policy pi whose log-probs we train on.
+    sampling = {"do_sample": False} if greedy else {
+        "do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0,
+        "min_p": None, "typical_p": 1.0, "repetition_penalty": 1.0}
+    was_training = model.training
+    model.eval()
+    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
+                         max_new_tokens=max_new_tokens, eos_token_id=eos,
+                         pad_token_id=tokenizer.pad_token_id, use_cache=True, **sampling)
+    model.train(was_training)
+    completion_ids = out[:, prompt_ids.shape[1]:]
+    completion_mask, truncated = completion_mask_from_ids(completion_ids, eos)
+    return {"input_ids": out, "attention_mask": torch.cat([prompt_mask, completion_mask.long()], 1),
+            "completion_ids": completion_ids, "completion_mask": completion_mask,
+            "truncated": truncated}
+
+
+def completion_mask_from_ids(completion_ids: torch.Tensor,
+                             eos_token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids -> mask (B, T) float, 1.0 up to and including the first EOS, and
+    truncated (B,) bool, True where no EOS was generated. generate() pads finished rows
+    with pad tokens, which may equal EOS, so only the first EOS counts."""
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_token_ids, device=completion_ids.device))
+    eos_before = is_eos.int().cumsum(1) - is_eos.int()  # EOS tokens strictly before t
+    return (eos_before == 0).float(), ~is_eos.any(1)
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """All ids that end a response: the generation config may list several (Qwen instruct
+    stops at <|im_end|> and <|endoftext|>)."""
+    ids = getattr(model.generation_config, "eos_token_id", None)
+    ids = ids if ids is not None else tokenizer.eos_token_id
+    return sorted(set(ids if isinstance(ids, list) else [ids]))
+
+
+def decode_completions(tokenizer, rollout: dict) -> list[str]:
+    """Text of each valid completion (up to its first EOS), special tokens dropped."""
+    lengths = rollout["completion_mask"].sum(1).long().tolist()
+    return [tokenizer.decode(ids[:n], skip_special_tokens=True)
+            for ids, n in zip(rollout["completion_ids"].tolist(), lengths)]
+
+
+# =========================================================================================
+# 4. Token statistics: log-probs, entropy, perplexity
+#   log pi(o_t)  = z[o_t] - logsumexp(z),  z = logits / temperature
+#   H_t          = -sum_v pi(v) log pi(v)                 (the whole vocabulary)
+#   log_ppl(o_i) = -(1/|o_i|) sum_t log pi(o_{i,t}),  PPL = exp(log_ppl)    ([A], Sec. 3)
+# =========================================================================================
+
+
+def completion_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      n_completion: int) -> torch.Tensor:
+    """Logits that predict the last `n_completion` tokens: (B, T, V).
+
+    logits_to_keep skips the LM head on prompt positions, which saves a (B, P, V) tensor.
+    Position ids are cumsum(mask) - 1, the same ids generate() used on left-padded
+    prompts. Without them the recomputed log-probs would not match the sampler's.
+    """
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                logits_to_keep=n_completion + 1, use_cache=False)
+    return out.logits[:, :-1]  # position t predicts token t+1, so drop the last one
+
+
+def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor,
+                   temperature: float = 1.0) -> torch.Tensor:
+    """log pi(token) for each position: (B, T, V), (B, T) -> (B, T), differentiable.
+
+    The logits are divided by the *sampling* temperature. The responses were drawn from
+    softmax(z / T), so that is the behaviour policy. Recomputing at T = 1 would give a
+    ratio pi_new / pi_old != 1 even on-policy, and the clip would fire for no reason.
+    Written as gathered logit minus logsumexp, which never builds a log_softmax tensor.
+    """
+    z = logits.float() / temperature
+    return z.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, -1)
+
+
+@torch.no_grad()
+def token_entropy(logits: torch.Tensor, temperature: float = 1.0,
+                  chunk_size: int = 1024) -> torch.Tensor:
+    """H_t = -sum_v p_v log p_v over the full vocabulary: (B, T, V) -> (B, T).
+
+    Computed under no_grad, `chunk_size` positions at a time, so the fp32 log-softmax is
+    never held for the whole batch (B*T*V*4 bytes: 5 GB at 8 x 1024 tokens of Qwen).
+    """
+    flat = logits.reshape(-1, logits.shape[-1])
+    out = torch.empty(flat.shape[0], device=logits.device)
+    for i in range(0, flat.shape[0], chunk_size):
+        logp = torch.log_softmax(flat[i:i + chunk_size].float() / temperature, -1)
+        out[i:i + chunk_size] = -(logp.exp() * logp).sum(-1)
+    return out.view(logits.shape[:-1])
+
+
+def sequence_log_ppl(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log PPL(o_i) = -(sum_t mask * log pi) / |o_i|: (B, T), (B, T) -> (B,)."""
+    return -(logprobs * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float | None:
+    """Mean of x over mask == 1, or None if the mask is empty (None is JSON-safe, NaN is not)."""
+    n = mask.sum()
+    return (x * mask).sum().item() / n.item() if n > 0 else None
+
+
+# =========================================================================================
+# 5. Advantages: GRPO, then the shaping methods of paper [A]
+# GRPO (Shao et al. 2024) needs no value network. It compares each response with the other
+# G - 1 answers to the same prompt:
+#   A_i = (r_i - mean_g r) / (std_g r + eps)        (std unbiased, eps = 1e-6, as released)
+# Dr. GRPO (Liu et al. 2025) drops the std division (--no-std-scaling). A group whose G
+# rewards are all equal has A = 0 for every response: it teaches nothing this step. We
+# count these groups (zero_var_frac) because they grow as the policy saturates.
+# =========================================================================================
+
+
+def grpo_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool = True,
+                    eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """rewards (B,) -> advantages (B,), zero_variance (B // G,) bool."""
+    r = rewards.view(-1, group_size)
+    centered = r - r.mean(1, keepdim=True)
+    if scale_by_std:
+        centered = centered / (r.std(1, keepdim=True) + eps)
+    zero_variance = (r == r[:, :1]).all(1)
+    return centered.masked_fill(zero_variance[:, None], 0.0).reshape(-1), zero_variance
+
+
+# --- Method A1, perplexity-based shaping ("ppl") -----------------------------------------
+#   l_i = log PPL under pi_old;  per group: Q1, Q3, IQR = Q3 - Q1;
+#   mu, sigma = mean and population std of the l_i inside [Q1 - 1.5 IQR, Q3 + 1.5 IQR]
+#   z_i = (l_i - mu) / sigma  (for every response);  A'_{i,t} = A_{i,t} clamp(1 - alpha z_i, 0.8, 1.2)
+# Low-perplexity responses (z < 0) get weight > 1. The released script (low_ppl.sh) computes
+# this weight but never multiplies it in (see README). We apply it, as the paper intends.
+
+
+def ppl_weights(log_ppl: torch.Tensor, group_size: int, alpha: float = 0.01,
+                clip_range: tuple[float, float] = (0.8, 1.2)) -> torch.Tensor:
+    """Per-response advantage weight from a robust z-score of log-PPL: (B,) -> (B,)."""
+    x = log_ppl.float().view(-1, group_size)
+    q1, q3 = torch.quantile(x, 0.25, dim=1, keepdim=True), torch.quantile(x, 0.75, dim=1, keepdim=True)
+    iqr = q3 - q1
+    keep = (x >= q1 - 1.5 * iqr) & (x <= q3 + 1.5 * iqr)  # outliers out of the statistics only
+    keep = keep | ~keep.any(1, keepdim=True)             # if none survive, use all
+    n = keep.sum(1, keepdim=True)
+    mu = (x * keep).sum(1, keepdim=True) / n
+    sigma = (((x - mu) ** 2 * keep).sum(1, keepdim=True) / n).sqrt()
+    sigma = torch.where(sigma <= 1e-6, torch.ones_like(sigma), sigma)
+    z = (x - mu) / sigma
+    return (1 - alpha * z).clamp(*clip_range).reshape(-1)
+
+
+# --- Method A2, position-based shaping ("position") --------------------------------------
+#   p_{i,t} = t / |o_i|  (t counts valid tokens from 0);  b = min(alpha sigmoid(k (p - 0.5)), 0.5 |A|)
+#   A'_{i,t} = A_{i,t} + sign(A_{i,t}) b_{i,t}
+# Late tokens of a correct response get more credit, late tokens of a wrong one more blame.
+
+
+def position_shaped_advantages(advantages: torch.Tensor, mask: torch.Tensor,
+                               alpha: float = 0.1, k: float = 15.0) -> torch.Tensor:
+    """Token advantages (B, T) plus the sign-following end-of-response bonus -> (B, T).
+
+    Completion tokens are contiguous from column 0, so token t's index is t itself.
+    """
+    length = mask.sum(1, keepdim=True).clamp(min=1)
+    p = torch.arange(mask.shape[1], device=mask.device)[None, :] / length
+    bonus = torch.minimum(alpha * torch.sigmoid(k * (p - 0.5)), 0.5 * advantages.abs())
+    return (advantages + torch.sign(advantages) * bonus.detach()) * mask
+
+
+# =========================================================================================
+# 6. Loss: the PPO-clipped token objective with Clip-Higher (DAPO)
+#   ratio = pi_theta(o_t) / pi_old(o_t)
+#   L_t   = -min(ratio A_t, clip(ratio, 1 - eps_low, 1 + eps_high) A_t)
+# eps_high > eps_low (0.28 vs 0.2) leaves more room to raise unlikely tokens: the
+# standard guard against entropy collapse.
+# Aggregation: token-mean = sum over all valid tokens / their count (long responses
+# count more); seq-mean-token-mean = the mean over responses of each response's token mean.
+# Both take explicit denominators, so that micro-batches summed with gradient accumulation
+# give exactly the full mini-batch's gradient.
+# =========================================================================================
+
+
+def clipped_token_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
+                       advantages: torch.Tensor, clip_low: float = 0.2,
+                       clip_high: float = 0.28) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token clipped surrogate loss and ratio: (B, T) x 3 -> (B, T), (B, T)."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * advantages
+    return -torch.minimum(unclipped, clipped), ratio
+
+
+def aggregate_loss(token_loss: torch.Tensor, mask: torch.Tensor, loss_agg: str = "token-mean",
+                   n_tokens: float | None = None, n_seqs: float | None = None) -> torch.Tensor:
+    """(B, T) token losses -> scalar. n_tokens / n_seqs default to this batch's own counts;
+    pass the mini-batch totals when this is one micro-batch of it."""
+    if loss_agg == "token-mean":
+        return (token_loss * mask).sum() / (n_tokens if n_tokens is not None else mask.sum())
+    if loss_agg == "seq-mean-token-mean":
+        per_seq = (token_loss * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return per_seq.sum() / (n_seqs if n_seqs is not None else mask.shape[0])
+    raise ValueError(f"unknown loss aggregation {loss_agg!r}")
+
+
+@torch.no_grad()
+def clip_stats(ratio: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+               clip_low: float, clip_high: float) -> dict[str, float]:
+    """Token fractions where the clip removed the gradient, and the k3 estimate of
+    KL(pi_old || pi_theta) = E[(ratio - 1) - log ratio] (Schulman 2020)."""
+    low = ((advantages < 0) & (ratio < 1 - clip_low)).float()
+    high = ((advantages > 0) & (ratio > 1 + clip_high)).float()
+    kl = (ratio - 1) - torch.log(ratio)
+    return {"clip_frac_low": masked_mean(low, mask) or 0.0,
+            "clip_frac_high": masked_mean(high, mask) or 0.0,
+            "approx_kl": masked_mean(kl, mask) or 0.0}
+
+
+# =========================================================================================
+# 7. Training loop
+# One step = sample G responses for each of n prompts -> reward -> old log-probs and
+# entropy (no grad) -> advantages (+ shaping) -> one or more passes of clipped-loss
+# updates over mini-batches -> log one JSON line.
+# =========================================================================================
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def autocast_ctx(device: torch.device, bf16: bool):
+    """bf16 autocast on CUDA. The weights and AdamW state stay fp32: at lr 1e-6 most
+    updates are below bf16's resolution and pure-bf16 weights would not move."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
+
+
+@torch.no_grad()
+def old_policy_stats(model, rollout: dict, temperature: float, micro_batch_size: int,
+                     bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs and entropy of every completion token under the sampling policy, computed
+    in micro-batches without a graph: (B, T), (B, T)."""
+    ids, attn, comp = rollout["input_ids"], rollout["attention_mask"], rollout["completion_ids"]
+    logps, ents = [], []
+    for i in range(0, ids.shape[0], micro_batch_size):
+        with autocast_ctx(ids.device, bf16):
+            logits = completion_logits(model, ids[i:i + micro_batch_size],
+                                       attn[i:i + micro_batch_size], comp.shape[1])
+        logps.append(token_logprobs(logits, comp[i:i + micro_batch_size], temperature))
+        ents.append(token_entropy(logits, temperature))
+    return torch.cat(logps), torch.cat(ents)
+
+
+def shaping_active(method: str, step: int, shape_from: int, shape_until: int) -> bool:
+    """The shaping methods act inside [shape_from, shape_until); plain GRPO elsewhere."""
+    return method != "grpo" and shape_from <= step < shape_until
+
+
+def train(args: argparse.Namespace, model, tokenizer, train_set: list[dict],
+          eval_set: list[dict], out_dir: Path) -> dict:
+    """The RL loop. Writes out_dir/metrics.jsonl (one row per step) and returns a summary."""
+    from tqdm import tqdm
+
+    device = next(model.parameters()).device
+    eos_ids = eos_token_ids(model, tokenizer)
+    reward_fn = (math_verify_reward if args.reward == "math-verify" else
+                 lambda text, gold: math_reward(text, gold, args.last_number_fallback))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                                  betas=(0.9, 0.99))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / max(1, args.lr_warmup_steps)))
+    order_rng = random.Random(args.seed)  # data order: reshuffled each epoch over the train set
+    order: list[int] = []
+    micro = args.micro_batch_size or args.prompts_per_step * args.group_size
+    nonfinite_skips, accuracy, start = 0, None, time.time()
+    history: list[dict] = []
+
+    metrics_path = out_dir / "metrics.jsonl"
+    metrics_path.write_text("")
+    bar = tqdm(range(args.steps), desc=f"{args.method}", dynamic_ncols=True)
+    for step in bar:
+        t0 = time.time()
+        # ---- evaluation of the policy that is about to sample this step's batch
+        if step % args.eval_every == 0:
+            accuracy = evaluate_greedy(model, tokenizer, eval_set, args)
+
+        # ---- 1. prompts and rollouts
+        while len(order) < args.prompts_per_step:
+            perm = list(range(len(train_set)))
+            order_rng.shuffle(perm)
+            order += perm
+        batch, order = [train_set[i] for i in order[:args.prompts_per_step]], order[args.prompts_per_step:]
+        prompts = [build_prompt(tokenizer, p["question"], args.instruction) for p in batch]
+        with autocast_ctx(device, args.bf16):
+            rollout = generate_rollouts(model, tokenizer, prompts, args.group_size,
+                                        args.max_new_tokens, args.temperature, args.top_p,
+                                        eos_token_ids=eos_ids)
+        mask = rollout["completion_mask"]
+
+        # ---- 2. verifiable rewards
+        texts = decode_completions(tokenizer, rollout)
+        golds = [p["answer"] for p in batch for _ in range(args.group_size)]
+        rewards = torch.tensor([reward_fn(t, g) for t, g in zip(texts, golds)], device=device)
+
+        # ---- 3. old log-probs, entropy and perplexity under the sampling policy
+        old_logp, entropy = old_policy_stats(model, rollout, args.temperature, micro, args.bf16)
+        log_ppl = sequence_log_ppl(old_logp, mask)
+
+        # ---- 4. advantages, then shaping
+        adv_seq, zero_var = grpo_advantages(rewards, args.group_size, not args.no_std_scaling)
+        advantages = adv_seq[:, None] * mask  # every token of a response shares its A
+        shaping = shaping_active(args.method, step, args.shape_from, args.shape_until)
+        weight = torch.ones_like(adv_seq)
+        if shaping and args.method == "ppl":
+            weight = ppl_weights(log_ppl, args.group_size, args.ppl_alpha)
+            advantages = advantages * weight[:, None]
+        if shaping and args.method == "position":
+            advantages = position_shaped_advantages(advantages, mask, args.pos_alpha, args.pos_k)
+
+        # ---- 5. policy update: updates_per_batch passes over shuffled mini-batches
+        stats = {"loss": 0.0, "clip_frac_low": 0.0, "clip_frac_high": 0.0, "approx_kl": 0.0}
+        grad_norms, n_updates = [], 0
+        B = mask.shape[0]
+        model.train()
+        for _ in range(args.updates_per_batch):
+            for mb in torch.randperm(B, device=device).chunk(args.mini_batches):
+                n_tokens, n_seqs = mask[mb].sum(), float(len(mb))
+                optimizer.zero_grad(set_to_none=True)
+                mb_loss, finite = 0.0, True
+                for idx in mb.split(micro):  # gradient accumulation over micro-batches
+                    with autocast_ctx(device, args.bf16):
+                        logits = completion_logits(model, rollout["input_ids"][idx],
+                                                   rollout["attention_mask"][idx], mask.shape[1])
+                    logp = token_logprobs(logits, rollout["completion_ids"][idx], args.temperature)
+                    tok_loss, ratio = clipped_token_loss(logp, old_logp[idx], advantages[idx],
+                                                         args.clip_low, args.clip_high)
+                    loss = aggregate_loss(tok_loss, mask[idx], args.loss_agg, n_tokens, n_seqs)
+                    if not torch.isfinite(loss):
+                        finite = False
+                        break
+                    loss.backward()
+                    mb_loss += loss.item()
+                    share = mask[idx].sum().item() / max(n_tokens.item(), 1) / (
+                        args.updates_per_batch * args.mini_batches)
+                    for key, v in clip_stats(ratio, advantages[idx], mask[idx],
+                                             args.clip_low, args.clip_high).items():
+                        stats[key] += v * share
+                if not finite:  # skip this update rather than write NaNs into the weights
+                    nonfinite_skips += 1
+                    optimizer.zero_grad(set_to_none=True)
+                    tqdm.write(f"warning: non-finite loss at step {step}; update skipped")
+                    continue
+                grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                                 args.max_grad_norm).item())
+                optimizer.step()
+                stats["loss"] += mb_loss
+                n_updates += 1
+        scheduler.step()
+        stats["loss"] /= max(n_updates, 1)
+
+        # ---- 6. log one row
+        pos, neg = (rewards > 0.5)[:, None] * mask, (rewards <= 0.5)[:, None] * mask
+        row = {
+            "step": step,
+            "reward": rewards.mean().item(),
+            "accuracy": accuracy if step % args.eval_every == 0 else None,
+            "entropy": masked_mean(entropy, mask),
+            "entropy_pos": masked_mean(entropy, pos),
+            "entropy_neg": masked_mean(entropy, neg),
+            "log_ppl": log_ppl.mean().item(),
+            "response_len": mask.sum(1).mean().item(),
+            "truncated_frac": rollout["truncated"].float().mean().item(),
+            "zero_var_frac": zero_var.float().mean().item(),
+            "shaping": shaping,
+            "ppl_weight_min": weight.min().item(),
+            "ppl_weight_max": weight.max().item(),
+            "adv_abs_mean": masked_mean(advantages.abs(), mask),
+            **stats,
+            "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else None,
+            "lr": scheduler.get_last_lr()[0],
+            "nonfinite_skips": nonfinite_skips,
+            "step_time": time.time() - t0,
+            "time": time.time() - start,
+        }
+        with metrics_path.open("a") as f:  # the row is on disk before the next step starts
+            f.write(json.dumps(row) + "\n")
+        history.append(row)
+        bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{accuracy:.2f}",
+                        H=f"{row['entropy']:.3f}")
+
+    final_accuracy = evaluate_greedy(model, tokenizer, eval_set, args)
+    first, last = history[: min(10, len(history))], history[-min(10, len(history)):]
+    summary = {
+        "method": args.method, "seed": args.seed, "steps": args.steps,
+        "start_accuracy": history[0]["accuracy"], "final_accuracy": final_accuracy,
+        "entropy_first10": sum(r["entropy"] for r in first) / len(first),
+        "entropy_last10": sum(r["entropy"] for r in last) / len(last),
+        "nonfinite_skips": nonfinite_skips, "train_time": time.time() - start,
+    }
+    return summary
+
+
+# =========================================================================================
+# 8. Evaluation: greedy accuracy on the held-out split
+# =========================================================================================
+
+
+@torch.no_grad()
+def evaluate_greedy(model, tokenizer, problems: list[dict], args: argparse.Namespace) -> float:
+    """Fraction of held-out problems whose greedy response earns reward 1."""
+    device = next(model.parameters()).device
+    eos_ids = eos_token_ids(model, tokenizer)
+    correct = 0
+    for i in range(0, len(problems), args.eval_batch_size):
+        chunk = problems[i:i + args.eval_batch_size]
+        prompts = [build_prompt(tokenizer, p["question"], args.instruction) for p in chunk]
+        with autocast_ctx(device, args.bf16):
+            rollout = generate_rollouts(model, tokenizer, prompts, 1, args.max_new_tokens,
+                                        greedy=True, eos_token_ids=eos_ids)
+        for text, p in zip(decode_completions(tokenizer, rollout), chunk):
+            if args.reward == "math-verify":
+                correct += math_verify_reward(text, p["answer"])
+            else:
+                correct += math_reward(text, p["answer"], args.last_number_fallback)
+    return correct / max(1, len(problems))
+
+
+# =========================================================================================
+# 9. The tiny preset: a character-level tokenizer, a small Qwen2, a supervised warm-up
+# Real RLVR starts from an instruct model that already answers in the right format. The
+# tiny preset gets the same starting point in seconds: a few hundred supervised steps on
+# worked solutions of the built-in task. That leaves a model that knows the format and
+# gets some answers right. The result is cached on disk, keyed by everything it depends on.
+# =========================================================================================
+
+TINY_MODEL = {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 3,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
+
+
+def build_char_tokenizer():
+    """One token per printable ASCII character plus newline, with <pad> and <eos>."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<unk>"]
+    chars = ["\n"] + [chr(c) for c in range(32, 127)]
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # one char each
+    core.decoder = decoders.Fuse()  # join characters back without spaces
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>",
+                                   unk_token="<unk>", padding_side="left")
+
+
+def build_tiny_model(tokenizer, seed: int):
+    """A randomly initialised Qwen2 of about 0.4M parameters for the char tokenizer."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=len(tokenizer), tie_word_embeddings=True,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                         bos_token_id=tokenizer.eos_token_id, **TINY_MODEL)
+    return Qwen2ForCausalLM(config)
+
+
+def supervised_warmup(model, tokenizer, problems: list[dict], steps: int, batch_size: int,
+                      lr: float, seed: int, show_work: float = 1.0) -> list[float]:
+    """Teacher-forced cross-entropy on prompt -> solution + EOS (prompt tokens masked out
+    of the loss). A fraction `show_work` of the targets is the worked solution; the rest
+    is the bare answer '#### N'. Returns the loss per step."""
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    # Cosine decay to 10%: without it the accuracy the warm-up ends on swings by tens of
+    # points from one step to the next, and every RL run would start somewhere random.
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.1 + 0.45 * (1 + math.cos(math.pi * s / max(1, steps))))
+    losses = []
+    model.train()
+    for _ in range(steps):
+        batch = rng.sample(problems, batch_size)
+        prompt_ids = [tokenizer(build_prompt(tokenizer, p["question"]), add_special_tokens=False).input_ids
+                      for p in batch]
+        targets = [p["solution"] if rng.random() < show_work else f"#### {p['answer']}"
+                   for p in batch]
+        target_ids = [tokenizer(t, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+                      for t in targets]
+        width = max(len(a) + len(b) for a, b in zip(prompt_ids, target_ids))
+        ids = torch.full((batch_size, width), tokenizer.pad_token_id)
+        labels = torch.full((batch_size, width), -100)
+        attn = torch.zeros((batch_size, width), dtype=torch.long)
+        for i, (a, b) in enumerate(zip(prompt_ids, target_ids)):  # left padding, as at rollout
+            ids[i, width - len(a) - len(b):] = torch.tensor(a + b)
+            labels[i, width - len(b):] = torch.tensor(b)
+            attn[i, width - len(a) - len(b):] = 1
+        position_ids = (attn.cumsum(1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids).logits
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    return losses
+
+
+def tiny_warm_model(args: argparse.Namespace, train_set: list[dict]):
+    """The tiny model after the supervised warm-up, loaded from the cache if present."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = build_char_tokenizer()
+    key = json.dumps({"model": TINY_MODEL, "steps": args.warmup_steps, "lr": args.warmup_lr,
+                      "show_work": args.warmup_show_work,
+                      "batch": args.warmup_batch_size, "seed": args.warmup_seed,
+                      "data": [train_set[0], len(train_set)], "v": 1}, sort_keys=True)
+    folder = Path(args.cache_dir) / f"tiny-warmup-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    if not (folder / "config.json").exists():
+        print(f"warm-up: {args.warmup_steps} supervised steps on the built-in task "
+              f"(cached in {folder} for later runs)")
+        model = build_tiny_model(tokenizer, args.warmup_seed)
+        losses = supervised_warmup(model, tokenizer, train_set, args.warmup_steps,
+                                   args.warmup_batch_size, args.warmup_lr, args.warmup_seed,
+                                   args.warmup_show_work)
+        print(f"warm-up: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.replace(folder) if not folder.exists() else shutil.rmtree(tmp)
+    else:
+        print(f"warm-up: using the cached model in {folder}")
+    # Always load from disk, so a first run and a cached run start from identical weights.
+    return AutoModelForCausalLM.from_pretrained(folder), tokenizer
+
+
+# =========================================================================================
+# 10. Command line
+# =========================================================================================
+
+PRESETS = {
+    "tiny": {"model": "tiny", "dataset": "builtin", "steps": 150, "prompts_per_step": 32,
+             "group_size": 8, "max_new_tokens": 48, "temperature": 1.0, "top_p": 1.0,
+             "lr": 2e-4, "lr_warmup_steps": 0, "weight_decay": 0.0, "updates_per_batch": 1,
+             "mini_batches": 2, "micro_batch_size": 0, "eval_every": 10, "eval_size": 500,
+             "train_size": 5000, "instruction": ""},
+    "gsm8k": {"model": "Qwen/Qwen2.5-0.5B-Instruct", "dataset": "gsm8k", "steps": 300,
+              "prompts_per_step": 16, "group_size": 8, "max_new_tokens": 512,
+              "temperature": 1.0, "top_p": 1.0, "lr": 1e-6, "lr_warmup_steps": 10,
+              "weight_decay": 0.1, "updates_per_batch": 1, "mini_batches": 4,
+              "micro_batch_size": 8, "eval_every": 25, "eval_size": 200, "train_size": 0,
+              "instruction": "Please reason step by step, and put your final answer "
+                             "within \\boxed{}."},
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="GRPO with entropy analysis and the advantage shaping of Deng et al. 2025.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--method", default="grpo", choices=METHODS,
+      help="grpo: plain GRPO; ppl: perplexity-based shaping; position: position-based shaping")
+    a("--preset", choices=sorted(PRESETS), default=None,
+      help="tiny (CPU, built-in task) or gsm8k (GPU); default: tiny without CUDA, gsm8k with it")
+    a("--seed", type=int, default=0, help="seed for data order, sampling and initialisation")
+    a("--steps", type=int, help="RL steps (preset default)")
+    a("--out-dir", default=None, help="where metrics.jsonl and the model go "
+      "(default runs/<preset>-<method>-seed<seed>)")
+    g = p.add_argument_group("data and reward")
+    g.add_argument("--model", help="hub name or local folder of a causal LM ('tiny' = built-in)")
+    g.add_argument("--dataset", help="'builtin', 'gsm8k', or a .jsonl/.json/.parquet/.csv file")
+    g.add_argument("--question-field", default="question", help="question column of --dataset PATH")
+    g.add_argument("--answer-field", default="answer", help="answer column of --dataset PATH")
+    g.add_argument("--train-size", type=int, help="built-in task: training problems")
+    g.add_argument("--eval-size", type=int, help="held-out problems for evaluation")
+    g.add_argument("--instruction", help="text appended to each question in the prompt")
+    g.add_argument("--reward", choices=("math", "math-verify"), default="math",
+                   help="math: the built-in exact reward; math-verify: the math-verify library")
+    g.add_argument("--last-number-fallback", action="store_true",
+                   help="if no '####' or \\boxed{} answer, use the last number in the text")
+    g = p.add_argument_group("rollouts")
+    g.add_argument("--prompts-per-step", type=int, help="prompts sampled per RL step")
+    g.add_argument("--group-size", type=int, help="responses per prompt (G), at least 2")
+    g.add_argument("--max-new-tokens", type=int, help="response length limit")
+    g.add_argument("--temperature", type=float, help="sampling temperature")
+    g.add_argument("--top-p", type=float, help="nucleus sampling threshold")
+    g = p.add_argument_group("advantages and shaping")
+    g.add_argument("--no-std-scaling", action="store_true",
+                   help="do not divide by the group std (Dr. GRPO)")
+    g.add_argument("--ppl-alpha", type=float, default=0.01,
+                   help="ppl: weight = clamp(1 - alpha*z, 0.8, 1.2); 0.01 as released")
+    g.add_argument("--pos-alpha", type=float, default=0.1, help="position: bonus scale alpha")
+    g.add_argument("--pos-k", type=float, default=15.0, help="position: sigmoid steepness k")
+    g.add_argument("--shape-from", type=int,
+                   help="first step with shaping (default steps/3, the release's 200 of 600)")
+    g.add_argument("--shape-until", type=int,
+                   help="first step without shaping again (default steps/2, the release's 300 of 600)")
+    g = p.add_argument_group("loss and optimisation")
+    g.add_argument("--clip-low", type=float, default=0.2, help="PPO clip epsilon_low")
+    g.add_argument("--clip-high", type=float, default=0.28, help="PPO clip epsilon_high (Clip-Higher)")
+    g.add_argument("--loss-agg", choices=("token-mean", "seq-mean-token-mean"),
+                   default="token-mean", help="how token losses are averaged")
+    g.add_argument("--updates-per-batch", type=int, help="passes over each rollout batch")
+    g.add_argument("--mini-batches", type=int, help="optimizer steps per pass")
+    g.add_argument("--micro-batch-size", type=int,
+                   help="rows per forward pass (gradient accumulation); 0 = whole mini-batch")
+    g.add_argument("--lr", type=float, help="AdamW learning rate")
+    g.add_argument("--lr-warmup-steps", type=int, help="linear LR warm-up, in RL steps")
+    g.add_argument("--weight-decay", type=float, help="AdamW weight decay")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clip")
+    g = p.add_argument_group("evaluation and machine")
+    g.add_argument("--eval-every", type=int, help="greedy held-out accuracy every N steps")
+    g.add_argument("--eval-batch-size", type=int, default=256, help="prompts per eval batch")
+    g.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+    g.add_argument("--no-bf16", dest="bf16", action="store_false",
+                   help="on CUDA, run in fp32 instead of bf16 autocast")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="allow model code from the hub (off unless you ask)")
+    g = p.add_argument_group("tiny preset warm-up")
+    g.add_argument("--warmup-steps", type=int, default=800, help="supervised warm-up steps")
+    g.add_argument("--warmup-lr", type=float, default=3e-3, help="supervised warm-up learning rate")
+    g.add_argument("--warmup-batch-size", type=int, default=32, help="supervised warm-up batch")
+    g.add_argument("--warmup-seed", type=int, default=0,
+                   help="seed of the warm-up: every RL run starts from this one model, as runs "
+                        "of a paper start from one base checkpoint")
+    g.add_argument("--warmup-show-work", type=float, default=0.3,
+                   help="fraction of warm-up targets that show their work (the rest: '#### N')")
+    g.add_argument("--cache-dir", default=os.path.join(Path.home(), ".cache", "rlvr_entropy"),
+                   help="where the warmed-up tiny model is cached")
+    args = p.parse_args(argv)
+
+    if args.preset is None:
+        args.preset = "gsm8k" if torch.cuda.is_available() else "tiny"
+        print(f"preset: {args.preset} (CUDA {'found' if args.preset == 'gsm8k' else 'not found'}; "
+              f"pass --preset to choose)")
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.shape_from is None:
+        args.shape_from = args.steps // 3
+    if args.shape_until is None:
+        args.shape_until = args.steps // 2
+    if args.out_dir is None:
+        args.out_dir = f"runs/{args.preset}-{args.method}-seed{args.seed}"
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Reject bad values before anything is loaded or written."""
+    B = args.prompts_per_step * args.group_size
+    checks = [
+        (args.group_size >= 2, (f"--group-size must be at least 2 (got {args.group_size}): "
+                                "GRPO compares each response with the others of its group")),
+        (args.steps >= 1, "--steps must be at least 1"),
+        (args.prompts_per_step >= 1, "--prompts-per-step must be at least 1"),
+        (args.eval_every >= 1, "--eval-every must be at least 1"),
+        (args.temperature > 0, "--temperature must be positive"),
+        (0 < args.top_p <= 1, "--top-p must be in (0, 1]"),
+        (1 <= args.mini_batches <= B, f"--mini-batches must be between 1 and {B}"),
+        (args.updates_per_batch >= 1, "--updates-per-batch must be at least 1"),
+        (args.micro_batch_size >= 0, "--micro-batch-size must be 0 or more"),
+        (args.clip_low >= 0 and args.clip_high >= 0, "clip ranges must be non-negative"),
+        (args.model != "tiny" or args.dataset == "builtin",
+         "the tiny model only knows the built-in task; use --dataset builtin or pass --model"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise SystemExit(f"error: {message}")
+    if args.reward == "math-verify":
+        try:
+            import math_verify  # noqa: F401
+        except ImportError:
+            raise SystemExit("error: --reward math-verify needs the math-verify package: "
+                             "pip install math-verify") from None
+
+
+def load_data(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+    """Train and held-out problems for the chosen --dataset."""
+    if args.dataset == "builtin":
+        # Fixed problem sets (like a real dataset): --seed changes the order, not the problems.
+        train_set = builtin_task(args.train_size, seed=0)
+        eval_set = builtin_task(args.eval_size, seed=1, exclude={p["question"] for p in train_set})
+        return train_set, eval_set
+    if args.dataset == "gsm8k":
+        try:
+            train_set, eval_set = load_gsm8k("train"), load_gsm8k("test")
+        except Exception as e:  # noqa: BLE001 (offline, hub down, ...: the same advice for all)
+            raise SystemExit(f"error: could not load GSM8K from the hub ({type(e).__name__}); "
+                             "use --preset tiny, or --dataset PATH with a local file") from None
+        return train_set, eval_set[:args.eval_size]
+    try:
+        rows = load_local_dataset(args.dataset, args.question_field, args.answer_field)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    if len(rows) <= args.eval_size:
+        raise SystemExit(f"error: {args.dataset} has {len(rows)} rows; need more than "
+                         f"--eval-size {args.eval_size} to hold some out")
+    random.Random(args.seed).shuffle(rows)
+    return rows[args.eval_size:], rows[:args.eval_size]
+
+
+def load_model(args: argparse.Namespace, train_set: list[dict]):
+    """(model, tokenizer) on args.device: the warmed-up tiny model, or a hub / local LM."""
+    if args.model == "tiny":
+        model, tokenizer = tiny_warm_model(args, train_set)
+        return model.to(args.device), tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32,
+                                                     trust_remote_code=args.trust_remote_code)
+    except Exception as e:  # noqa: BLE001 (offline, no such repo, ...: the same advice for all)
+        raise SystemExit(f"error: could not load model '{args.model}' ({type(e).__name__}); "
+                         "if you are offline, use --preset tiny or pass --model a local folder") from None
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(args.device), tokenizer
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no bars for reading or writing a few MB of weights
+    args = parse_args(argv)
+    check_args(args)
+    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    set_seed(args.seed)
+    train_set, eval_set = load_data(args)
+    model, tokenizer = load_model(args, train_set)
+    # Reseed after loading: a warm-up run and a cached run then sample the same RL batches.
+    set_seed(args.seed)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "args.json").write_text(json.dumps({k: str(v) if isinstance(v, torch.device) else v
+                                                   for k, v in vars(args).items()}, indent=1))
+    print(f"{args.method} on {args.dataset} with {args.model}: {args.steps} steps, "
+          f"{args.prompts_per_step} prompts x G={args.group_size}, device {args.device}; "
+          f"shaping window [{args.shape_from}, {args.shape_until})")
+    summary = train(args, model, tokenizer, train_set, eval_set, out_dir)
+    model.save_pretrained(out_dir / "model")
+    tokenizer.save_pretrained(out_dir / "model")
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"accuracy {summary['start_accuracy']:.3f} -> {summary['final_accuracy']:.3f}; "
+          f"entropy (first 10 -> last 10 steps) {summary['entropy_first10']:.3f} -> "
+          f"{summary['entropy_last10']:.3f}; saved to {out_dir}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

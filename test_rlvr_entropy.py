@@ -1,0 +1,463 @@
+"""Tests for rlvr_entropy.py. Each expected value is computed by hand (shown beside it) or by
+an independent route: a naive loop, a plain log_softmax, the sampler's own scores.
+Run: python -m pytest -q test_rlvr_entropy.py"""
+
+import json
+import math
+import random
+import subprocess
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+import torch
+
+import rlvr_entropy as R
+
+HERE = Path(__file__).resolve().parent
+
+# ----------------------------------------------------------------------------- reward
+
+# (completion, gold, expected reward): GSM8K-style answers, each labelled by hand.
+GSM8K_CASES = [
+    ("She pays 3 * 6 = 18 dollars.\n#### 18", "18", 1.0),
+    ("#### 18.0", "18", 1.0),
+    ("#### 18.00", "18", 1.0),
+    ("#### $18", "18", 1.0),
+    ("The total is 1,234.\n#### 1,234", "1234", 1.0),
+    ("#### 1234", "1,234", 1.0),
+    ("#### \u22123", "-3", 1.0),  # unicode minus sign
+    ("#### 3/4", "0.75", 1.0),
+    ("#### 0.75", "3/4", 1.0),
+    ("So the answer is \\boxed{18}.", "18", 1.0),
+    ("\\boxed{\\frac{3}{4}}", "0.75", 1.0),
+    ("#### 17", "18", 0.0),
+    ("#### -18", "18", 0.0),
+    ("\\boxed{19}", "18", 0.0),
+    ("#### 7 #### 18", "18", 1.0),     # the last '####' wins
+]
+
+# Where this file's extraction policy deliberately differs from math-verify's.
+POLICY_CASES = [
+    ("The answer is 18.", "18", 0.0),  # no '####' and no \boxed: no last-number fallback
+    ("\\boxed{17} then #### 18", "18", 1.0),  # '####' is read before \boxed
+]
+
+
+@pytest.mark.parametrize("completion,gold,expected", GSM8K_CASES + POLICY_CASES)
+def test_math_reward_gsm8k_cases(completion, gold, expected):
+    assert R.math_reward(completion, gold) == expected
+
+
+def test_extract_answer_rules():
+    assert R.extract_answer("work\n#### 42\nextra line") == "42"
+    assert R.extract_answer("\\boxed{ {a} + 1 }") == " {a} + 1 "  # nested braces kept whole
+    assert R.extract_answer("no answer 12 here 7") is None
+    assert R.extract_answer("no answer 12 here 7", last_number_fallback=True) == "7"
+    assert R.extract_answer("costs 1,234.50 total", last_number_fallback=True) == "1,234.50"
+    assert R.extract_answer("####   \n\\boxed{5}") == "5"  # empty '####' line: try \boxed
+
+
+def test_normalize_and_parse_number():
+    assert R.normalize_answer("  $1,234.  ") == "1234"
+    assert R.normalize_answer("\\text{Yes}") == "yes"
+    assert R.parse_number("-12") == Fraction(-12)
+    assert R.parse_number("0.75") == Fraction(3, 4)
+    assert R.parse_number("3/4") == Fraction(3, 4)
+    assert R.parse_number("1/0") is None
+    assert R.parse_number("12abc") is None
+    assert R.parse_number("9" * 100) is None  # too long to be a plain answer: compare as text
+
+
+def test_string_answers_compare_normalised():
+    assert R.math_reward("#### Yes", "yes") == 1.0
+    assert R.math_reward("#### x+1", "x + 1") == 1.0
+    assert R.math_reward("#### x+2", "x+1") == 0.0
+    assert R.math_reward("####", "") == 0.0  # an empty answer never matches
+
+
+HOSTILE = [
+    "#" * 500_000 + "1" * 500_000,               # 1 MB of '#' and digits
+    "\\boxed{" * 100_000,                          # nested \boxed{ that never closes
+    "1," * 300_000 + "5",                          # one enormous 'number'
+    "#### 1\x00 2\x00",                            # NUL bytes
+    "#### \u0663\u0664",                           # Arabic-Indic digits
+    "#### __import__('os').system('echo pwned')",  # code is text, never run
+]
+
+
+@pytest.mark.parametrize("text", HOSTILE, ids=range(len(HOSTILE)))
+def test_reward_survives_hostile_strings(text):
+    start = time.perf_counter()
+    r = R.math_reward(text, "18", last_number_fallback=True)
+    assert r == 0.0
+    # A generous bound, not a benchmark: a quadratic parse of 1 MB would take minutes.
+    assert time.perf_counter() - start < 10
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="math-verify uses signals")
+def test_reward_agrees_with_math_verify():
+    pytest.importorskip("math_verify")  # .ci/run installs it, so CI always runs this
+    for completion, gold, expected in GSM8K_CASES:
+        if "\u2212" in completion:
+            continue  # math-verify has no rule for the unicode minus; ours does
+        assert R.math_verify_reward(completion, gold) == expected, completion
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def solve_left_to_right(question: str) -> int:
+    """Independent of the generator: read '+'/'-' and numbers one character at a time."""
+    total, sign, number = 0, 1, ""
+    for ch in question + "+":
+        if ch.isdigit():
+            number += ch
+        else:
+            total += sign * int(number)
+            sign, number = (1 if ch == "+" else -1), ""
+    return total
+
+
+def test_builtin_task_is_correct_and_splits_are_disjoint():
+    train = R.builtin_task(300, seed=0)
+    held_out = R.builtin_task(100, seed=1, exclude={p["question"] for p in train})
+    assert not {p["question"] for p in train} & {p["question"] for p in held_out}
+    for p in train + held_out:
+        assert int(p["answer"]) == solve_left_to_right(p["question"])
+        assert R.math_reward(p["solution"], p["answer"]) == 1.0
+        for step in p["solution"].split(" #### ")[0].split():  # every shown step is right
+            lhs, rhs = step.split("=")
+            assert solve_left_to_right(lhs) == int(rhs)
+            assert 0 <= int(rhs) <= 19
+
+
+def test_gold_answer_after_hashes():
+    assert R.gold_answer("Natalia sold 48/2 = 24 clips.\n#### 72") == "72"
+    assert R.gold_answer("5") == "5"
+
+
+def test_local_dataset_loads_and_names_a_missing_field(tmp_path):
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"q": "1+1", "a": "so #### 2"}\n{"q": "2+2", "a": "4"}\n')
+    assert R.load_local_dataset(str(good), "q", "a") == [
+        {"question": "1+1", "answer": "2"}, {"question": "2+2", "answer": "4"}]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"q": "1+1", "a": "2"}\n{"q": "2+2"}\n')
+    with pytest.raises(ValueError, match="row 1 of .* has no field 'a'"):
+        R.load_local_dataset(str(bad), "q", "a")
+    csv = tmp_path / "d.csv"
+    csv.write_text("question,answer\n3+3,6\n")
+    assert R.load_local_dataset(str(csv)) == [{"question": "3+3", "answer": "6"}]
+
+
+# ----------------------------------------------------------------------------- token statistics
+
+
+def test_entropy_uniform_is_log_v_and_one_hot_is_zero():
+    V = 50
+    uniform = torch.zeros(2, 3, V)
+    assert torch.allclose(R.token_entropy(uniform), torch.full((2, 3), math.log(V)))
+    one_hot = torch.full((2, 3, V), -1e4)
+    one_hot[..., 7] = 1e4
+    assert torch.allclose(R.token_entropy(one_hot), torch.zeros(2, 3), atol=1e-6)
+
+
+def test_chunked_logprobs_and_entropy_match_plain_log_softmax():
+    torch.manual_seed(0)
+    logits, ids = torch.randn(3, 11, 37) * 3, torch.randint(0, 37, (3, 11))
+    for T in (1.0, 0.7):
+        ref = torch.log_softmax(logits / T, -1)
+        assert torch.allclose(R.token_logprobs(logits, ids, T),
+                              ref.gather(-1, ids[..., None]).squeeze(-1), atol=1e-5)
+        ref_h = -(ref.exp() * ref).sum(-1)
+        assert torch.allclose(R.token_entropy(logits, T, chunk_size=5), ref_h, atol=1e-5)
+
+
+def test_sequence_log_ppl_over_valid_tokens():
+    logp = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -9.0, -9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    assert torch.allclose(R.sequence_log_ppl(logp, mask), torch.tensor([2.0, 0.5]))
+
+
+def test_completion_mask_includes_first_eos_only():
+    eos, pad = 1, 0
+    ids = torch.tensor([[5, 6, eos, pad, pad],
+                        [5, eos, eos, eos, eos],   # pad == eos after the end
+                        [5, 6, 7, 8, 9]])          # never ended: truncated
+    mask, truncated = R.completion_mask_from_ids(ids, [eos])
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+    assert truncated.tolist() == [False, False, True]
+    mask2, _ = R.completion_mask_from_ids(torch.tensor([[5, 9, 6, 1]]), [1, 9])  # two EOS ids
+    assert mask2.tolist() == [[1, 1, 0, 0]]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tokenizer = R.build_char_tokenizer()
+    return R.build_tiny_model(tokenizer, seed=0), tokenizer
+
+
+def test_char_tokenizer_round_trips(tiny):
+    _, tok = tiny
+    text = "Question: 7-1+9\nAnswer: 7-1=6 #### 15"
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert len(ids) == len(text)
+    assert tok.decode(ids) == text
+
+
+def test_recomputed_logprobs_equal_the_samplers_own(tiny):
+    """Left-padded prompts of different lengths: the training forward (position ids from
+    the mask, logits_to_keep) must reproduce the log-probs generate() sampled with."""
+    model, tok = tiny
+    prompts = [R.build_prompt(tok, q) for q in ("1+2", "9-3+4-1", "5")]
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    torch.manual_seed(0)
+    out = model.generate(**enc, do_sample=True, top_k=0, temperature=0.8, max_new_tokens=12,
+                         output_scores=True, return_dict_in_generate=True,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    comp = out.sequences[:, enc.input_ids.shape[1]:]
+    mask, _ = R.completion_mask_from_ids(comp, [tok.eos_token_id])
+    # generate's scores are already divided by the temperature
+    sampler = torch.log_softmax(torch.stack(out.scores, 1), -1).gather(-1, comp[..., None])[..., 0]
+    attn = torch.cat([enc.attention_mask, mask.long()], 1)
+    logits = R.completion_logits(model, out.sequences, attn, comp.shape[1])
+    ours = R.token_logprobs(logits, comp, temperature=0.8)
+    assert ((ours - sampler).abs() * mask).max() < 1e-4
+
+
+def test_generate_rollouts_groups_and_masks(tiny):
+    model, tok = tiny
+    torch.manual_seed(0)
+    ro = R.generate_rollouts(model, tok, ["Question: 1+2\nAnswer: ", "Question: 3\nAnswer: "],
+                             group_size=3, max_new_tokens=6)
+    assert ro["completion_ids"].shape[0] == 6
+    # rows 0-2 share prompt 0, rows 3-5 prompt 1 (left padded to a common width)
+    P = ro["input_ids"].shape[1] - ro["completion_ids"].shape[1]
+    assert (ro["input_ids"][0, :P] == ro["input_ids"][2, :P]).all()
+    assert (ro["input_ids"][3, :P] == ro["input_ids"][5, :P]).all()
+    expect_mask, expect_trunc = R.completion_mask_from_ids(ro["completion_ids"], [tok.eos_token_id])
+    assert torch.equal(ro["completion_mask"], expect_mask)
+    assert torch.equal(ro["truncated"], expect_trunc)
+
+
+# ----------------------------------------------------------------------------- advantages
+
+
+def test_grpo_advantages_by_hand():
+    # group 1: r = [1,0,0,0], mean .25, unbiased std = sqrt((.5625 + 3*.0625)/3) = .5
+    # group 2: all equal -> zero advantage, counted as zero-variance
+    rewards = torch.tensor([1.0, 0, 0, 0, 1, 1, 1, 1])
+    adv, zero_var = R.grpo_advantages(rewards, 4)
+    assert torch.allclose(adv, torch.tensor([1.5, -0.5, -0.5, -0.5, 0, 0, 0, 0]), atol=1e-5)
+    assert zero_var.tolist() == [False, True]
+    adv_dr, _ = R.grpo_advantages(rewards, 4, scale_by_std=False)  # Dr. GRPO: r - mean
+    assert torch.allclose(adv_dr, torch.tensor([0.75, -0.25, -0.25, -0.25, 0, 0, 0, 0]))
+
+
+def test_ppl_weights_with_an_outlier_by_hand():
+    # x = 1..7 and an outlier 100. Linear-interpolated quartiles: Q1 = 2.75, Q3 = 6.25,
+    # IQR = 3.5, fences [-2.5, 11.5] -> 100 is left out of the statistics only.
+    # Kept 1..7: mean 4, population std sqrt(28/7) = 2 -> z = (x - 4)/2, outlier z = 48.
+    log_ppl = torch.tensor([1.0, 2, 3, 4, 5, 6, 7, 100])
+    w = R.ppl_weights(log_ppl, group_size=8, alpha=0.1)
+    expected = [1.15, 1.10, 1.05, 1.0, 0.95, 0.90, 0.85, 0.8]  # 1 - 0.1 z, outlier clamped
+    assert torch.allclose(w, torch.tensor(expected), atol=1e-6)
+    w_released = R.ppl_weights(log_ppl, group_size=8, alpha=0.01)  # the released alpha
+    assert torch.allclose(w_released[:7], torch.tensor([1.015, 1.01, 1.005, 1, 0.995, 0.99, 0.985]))
+    assert abs(w_released[7].item() - 0.8) < 1e-6  # 1 - 0.48 = 0.52 -> clamped to 0.8
+
+
+def test_ppl_weights_equal_group_and_group_independence():
+    same = R.ppl_weights(torch.tensor([2.0, 2, 2, 2]), 4, alpha=0.5)
+    assert torch.equal(same, torch.ones(4))  # sigma = 0 -> sigma := 1, z = 0
+    x = torch.tensor([1.0, 2, 3, 4, 10, 20, 30, 40])
+    both = R.ppl_weights(x, 4, alpha=0.1)
+    assert torch.allclose(both[:4], R.ppl_weights(x[:4], 4, alpha=0.1))
+    assert torch.allclose(both[4:], R.ppl_weights(x[4:], 4, alpha=0.1))
+
+
+def naive_position_advantage(a: float, t: int, length: int, alpha: float, k: float) -> float:
+    if a == 0:
+        return 0.0
+    bonus = min(alpha / (1 + math.exp(-k * (t / length - 0.5))), 0.5 * abs(a))
+    return a + math.copysign(bonus, a)
+
+
+def test_position_bonus_by_hand_and_against_a_loop():
+    mask = torch.tensor([[1.0, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0],
+                         [1, 1, 1, 0, 0, 0]])
+    adv = torch.tensor([1.0, -1.0, 0.02, 0.0])[:, None] * mask
+    out = R.position_shaped_advantages(adv, mask, alpha=0.1, k=15)
+    assert abs(out[0, 2].item() - 1.05) < 1e-6  # t/|o| = 2/4 = .5 -> 0.1 * sigmoid(0) = .05
+    for i in range(4):
+        n = int(mask[i].sum())
+        for t in range(6):
+            expect = naive_position_advantage(adv[i, 0].item(), t, n, 0.1, 15) if t < n else 0.0
+            assert abs(out[i, t].item() - expect) < 1e-6
+    gain = (out - adv)[0, :4]
+    assert (gain[1:] > gain[:-1]).all()                   # monotone in position
+    assert ((out - adv)[1, :] < 0).all()                  # follows a negative sign
+    assert ((out - adv)[2, :2].abs() <= 0.01 + 1e-9).all()  # capped at 0.5 |A| = 0.01
+    assert (out[3] == 0).all()                            # A = 0 gets no bonus
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def test_clipped_loss_by_hand_both_sides():
+    # token: (ratio, A) -> surrogate min(r A, clip(r, .8, 1.28) A)
+    #  a: (1.5, +1) -> clip high  -> 1.28, no gradient
+    #  b: (0.5, -1) -> clip low   -> -0.8, no gradient
+    #  c: (0.5, +1) -> unclipped  -> 0.5
+    #  d: (1.5, -1) -> unclipped  -> -1.5
+    ratio = torch.tensor([[1.5, 0.5, 0.5, 1.5]])
+    adv = torch.tensor([[1.0, -1.0, 1.0, -1.0]])
+    old = torch.zeros(1, 4)
+    logp = torch.log(ratio).requires_grad_(True)
+    tok_loss, r = R.clipped_token_loss(logp, old, adv, clip_low=0.2, clip_high=0.28)
+    assert torch.allclose(tok_loss, torch.tensor([[-1.28, 0.8, -0.5, 1.5]]))
+    assert torch.allclose(r, ratio)
+    mask = torch.ones(1, 4)
+    loss = R.aggregate_loss(tok_loss, mask, "token-mean")
+    assert abs(loss.item() - (-1.28 + 0.8 - 0.5 + 1.5) / 4) < 1e-6
+    loss.backward()
+    # d/dlogp of -r A / 4 = -r A / 4 on unclipped tokens, 0 on clipped ones
+    assert torch.allclose(logp.grad, torch.tensor([[0.0, 0.0, -0.125, 0.375]]))
+    stats = R.clip_stats(ratio, adv, mask, 0.2, 0.28)
+    assert stats["clip_frac_high"] == 0.25 and stats["clip_frac_low"] == 0.25
+
+
+def test_loss_aggregation_modes_by_hand():
+    tok = torch.tensor([[1.0, 2.0, 3.0], [10.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    assert R.aggregate_loss(tok, mask, "token-mean").item() == pytest.approx(16 / 4)
+    assert R.aggregate_loss(tok, mask, "seq-mean-token-mean").item() == pytest.approx((2 + 10) / 2)
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_micro_batches_give_the_full_batch_gradient(tiny, agg):
+    model, _ = tiny
+    torch.manual_seed(1)
+    ids = torch.randint(3, 60, (6, 10))
+    attn = torch.ones_like(ids)
+    mask = (torch.rand(6, 4) > 0.3).float()
+    mask[:, 0] = 1
+    adv = torch.randn(6, 1) * mask
+    old = torch.randn(6, 4) * 0.1 - 3
+
+    def grads(splits):
+        model.zero_grad()
+        for idx in splits:
+            logits = R.completion_logits(model, ids[idx], attn[idx], 4)
+            logp = R.token_logprobs(logits, ids[idx, -4:])
+            tl, _ = R.clipped_token_loss(logp, old[idx], adv[idx])
+            R.aggregate_loss(tl, mask[idx], agg, mask.sum(), 6.0).backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    full = grads([torch.arange(6)])
+    micro = grads(list(torch.arange(6).split(4)))
+    assert torch.allclose(full, micro, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+SMALL = ["--steps", "3", "--prompts-per-step", "4", "--group-size", "4", "--eval-size", "16",
+         "--eval-every", "2", "--max-new-tokens", "24", "--warmup-steps", "20",
+         "--train-size", "200", "--shape-from", "0", "--shape-until", "3"]
+
+
+@pytest.mark.parametrize("method", R.METHODS)
+def test_tiny_run_end_to_end_and_reload(tmp_path, method):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / method
+    summary = R.main(["--preset", "tiny", "--method", method, "--out-dir", str(out),
+                      "--cache-dir", str(tmp_path / "cache"), *SMALL])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert [r["accuracy"] is not None for r in rows] == [True, False, True]
+    assert all(math.isfinite(r["entropy"]) and math.isfinite(r["loss"]) for r in rows)
+    assert all(r["shaping"] == (method != "grpo") for r in rows)
+    assert 0.0 <= summary["final_accuracy"] <= 1.0
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    enc = tok(["Question: 1+2\nAnswer: "], return_tensors="pt", add_special_tokens=False)
+    gen = model.generate(**enc, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert gen.shape[1] > enc.input_ids.shape[1]
+
+
+def test_same_seed_same_metrics(tmp_path):
+    def run(name):
+        R.main(["--preset", "tiny", "--method", "ppl", "--out-dir", str(tmp_path / name),
+                "--cache-dir", str(tmp_path / "cache"), *SMALL])
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k not in ("time", "step_time")} for r in rows]
+
+    assert run("a") == run("b")  # the second run also loads the cached warm-up
+
+
+def test_nonfinite_loss_skips_the_update(tmp_path, monkeypatch):
+    real = R.clipped_token_loss
+
+    def nan_loss(*a, **k):
+        loss, ratio = real(*a, **k)
+        return loss * float("nan"), ratio
+
+    monkeypatch.setattr(R, "clipped_token_loss", nan_loss)
+    out = tmp_path / "nan"
+    R.main(["--preset", "tiny", "--out-dir", str(out), "--cache-dir", str(tmp_path / "cache"),
+            *SMALL])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["nonfinite_skips"] == 3 * 2  # 3 steps x 2 mini-batches, all skipped
+    from transformers import AutoModelForCausalLM
+
+    cached = next((tmp_path / "cache").iterdir())
+    before = AutoModelForCausalLM.from_pretrained(cached).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # no NaN reached the weights
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--group-size", "1"], "--group-size must be at least 2"),
+    (["--dataset", "missing.jsonl", "--model", "tiny"], "tiny model only knows the built-in task"),
+    (["--dataset", "missing.jsonl", "--model", "x"], "does not exist"),
+    (["--model", "/no/such/model/folder", "--dataset", "builtin"], "could not load model"),
+])
+def test_bad_input_is_one_clear_sentence_and_writes_nothing(tmp_path, argv, message):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as err:
+        R.main(["--preset", "tiny", "--out-dir", str(out), "--cache-dir", str(tmp_path / "c"),
+                "--steps", "1", "--warmup-steps", "2", *argv])
+    assert message in str(err.value) and str(err.value).startswith("error: ")
+    assert not out.exists()
+
+
+def test_missing_field_names_row_and_field(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"question": f"{i}+1", "answer": str(i + 1)}) + "\n"
+                            for i in range(5)) + '{"question": "9+1"}\n')
+    with pytest.raises(SystemExit, match="row 5 of .* has no field 'answer'"):
+        R.main(["--preset", "tiny", "--dataset", str(data), "--model", "x",
+                "--out-dir", str(tmp_path / "o")])
+
+
+def test_cli_errors_have_no_traceback(tmp_path):
+    for argv in (["--method", "nonsense"], ["--group-size", "1"]):
+        proc = subprocess.run([sys.executable, str(HERE / "rlvr_entropy.py"), "--preset", "tiny",
+                               "--out-dir", str(tmp_path / "o"), *argv],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0
+        assert "Traceback" not in proc.stderr
+        assert ("invalid choice" in proc.stderr) or ("error: --group-size" in proc.stderr)
+
+
+def test_seeded_problem_generator_is_reproducible():
+    a = [R.make_arithmetic_problem(random.Random(5)) for _ in range(3)]
+    b = [R.make_arithmetic_problem(random.Random(5)) for _ in range(3)]
+    assert a == b
