@@ -461,3 +461,24 @@ def test_seeded_problem_generator_is_reproducible():
     a = [R.make_arithmetic_problem(random.Random(5)) for _ in range(3)]
     b = [R.make_arithmetic_problem(random.Random(5)) for _ in range(3)]
     assert a == b
+
+
+def test_local_model_folder_with_chat_template_and_local_dataset(tmp_path):
+    """The path a GPU user takes (--model FOLDER --dataset FILE), on a tiny model: the
+    AutoTokenizer load, the chat template, the held-out split, micro-batching."""
+    tok = R.build_char_tokenizer()
+    tok.chat_template = "{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}="
+    folder = tmp_path / "local-model"
+    R.build_tiny_model(tok, seed=0).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    assert R.build_prompt(tok, "1+2", "Be brief.") == "<<1+2\nBe brief.>>="
+    data = tmp_path / "problems.jsonl"
+    data.write_text("".join(json.dumps({"q": p["question"], "a": p["solution"]}) + "\n"
+                            for p in R.builtin_task(40, seed=3)))
+    out = tmp_path / "out"
+    R.main(["--preset", "tiny", "--model", str(folder), "--dataset", str(data),
+            "--question-field", "q", "--answer-field", "a", "--eval-size", "8",
+            "--steps", "2", "--prompts-per-step", "3", "--group-size", "2",
+            "--micro-batch-size", "4", "--max-new-tokens", "8", "--out-dir", str(out)])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
