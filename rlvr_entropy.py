@@ -6,7 +6,10 @@ advantage-shaping methods of
 
   [A] Deng et al., "Decomposing the Entropy-Performance Exchange: The Missing Keys to
       Unlocking Effective Reinforcement Learning", arXiv 2508.02260 (2025):
-      perplexity-based ("ppl") and position-based ("position") advantage shaping.
+      perplexity-based ("ppl") and position-based ("position") advantage shaping;
+  [B] Jin et al., "Revisiting Entropy in Reinforcement Learning for Large Reasoning
+      Models", arXiv 2511.05993 (2025): positive/negative-advantage token weights
+      ("posneg") with fixed, staged, epoch-wise or entropy-guided lambda.
 
 Read it top to bottom. The core path is sections 1-7:
 data -> reward -> rollout -> log-probs -> advantages -> loss -> step.
@@ -42,7 +45,7 @@ import torch.nn.functional as F
 # transformers, datasets, tokenizers and tqdm are imported where they are first needed, so
 # the math in this file can be imported and tested without loading them.
 
-METHODS = ("grpo", "ppl", "position")
+METHODS = ("grpo", "ppl", "position", "posneg")
 
 
 # =========================================================================================
@@ -487,6 +490,65 @@ def clip_stats(ratio: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor
             "approx_kl": masked_mean(kl, mask) or 0.0}
 
 
+# --- Method B, positive/negative-advantage reweighting ("posneg") -----------------------
+# Why positive advantages collapse entropy ([B]): for the unclipped token objective, the
+# gradient on the logit of vocabulary entry v at step t is
+#     sampled v:  ratio_t (1 - pi(v)) A_t        any other v:  -ratio_t pi(v) A_t
+# With A > 0 the sampled token (usually already likely) gains mass taken from all others,
+# so the distribution sharpens. With A < 0 the sampled token loses mass that spreads over
+# the rest, so it flattens. Weighting positive-advantage tokens by lambda < 1 tilts this
+# balance towards keeping entropy:
+#     w_{i,t} = lambda if A_{i,t} > 0,  neg_weight if A_{i,t} < 0,  else 1;  L'_t = w_t L_t
+
+
+def posneg_token_weights(advantages: torch.Tensor, pos_weight: float,
+                         neg_weight: float = 1.0) -> torch.Tensor:
+    """Per-token loss weights from the advantage's sign: (B, T) -> (B, T)."""
+    ones = torch.ones_like(advantages)
+    return torch.where(advantages > 0, pos_weight * ones,
+                       torch.where(advantages < 0, neg_weight * ones, ones))
+
+
+def scheduled_lambda(schedule: str, step: int, total_steps: int, fixed: float = 1.0,
+                     n_epochs: int = 2) -> float:
+    """lambda at `step` (0-indexed) for the step-driven schedules of [B]:
+      fixed:  lambda = fixed
+      stage:  0 for the first half of the run, then linear from 0 up to 1 at the last step
+      epoch:  (e - 1) / (E - 1) in epoch e of E, the run cut into E equal parts of steps
+    """
+    if schedule == "fixed":
+        return fixed
+    if schedule == "stage":
+        half = total_steps // 2
+        return min(1.0, max(0.0, (step - half) / max(1, total_steps - 1 - half)))
+    if schedule == "epoch":
+        epoch = 1 + step * n_epochs // total_steps  # 1 .. E
+        return (epoch - 1) / (n_epochs - 1)
+    raise ValueError(f"unknown lambda schedule {schedule!r}")
+
+
+def entropy_guided_lambda(lam: float, entropy: float, target: float = 0.2,
+                          step_size: float = 0.05) -> float:
+    """[B]'s recommended controller, run after each step k with batch entropy H_k:
+    lambda_{k+1} = clip(lambda_k - step, 0, 1) if H_k < target, else clip(lambda_k + step, 0, 1).
+    Entropy too low -> weaker positive updates -> entropy rises, and the reverse."""
+    lam = lam - step_size if entropy < target else lam + step_size
+    return min(1.0, max(0.0, lam))
+
+
+@torch.no_grad()
+def logp_adv_covariance(logprobs: torch.Tensor, advantages: torch.Tensor,
+                        mask: torch.Tensor) -> float:
+    """Cov(log pi(o_t), A_t) over the batch's valid tokens: (B, T) x 3 -> float.
+
+    Cui et al. (arXiv 2505.22617) show the entropy change of one policy-gradient step is
+    about -lr * this covariance: positive -> entropy falls next, negative -> it rises.
+    """
+    n = mask.sum()
+    mean_lp, mean_a = (logprobs * mask).sum() / n, (advantages * mask).sum() / n
+    return (((logprobs - mean_lp) * (advantages - mean_a) * mask).sum() / n).item()
+
+
 # =========================================================================================
 # 7. Training loop
 # One step = sample G responses for each of n prompts -> reward -> old log-probs and
@@ -523,8 +585,8 @@ def old_policy_stats(model, rollout: dict, temperature: float, micro_batch_size:
 
 
 def shaping_active(method: str, step: int, shape_from: int, shape_until: int) -> bool:
-    """The shaping methods act inside [shape_from, shape_until); plain GRPO elsewhere."""
-    return method != "grpo" and shape_from <= step < shape_until
+    """The shaping methods of [A] act inside [shape_from, shape_until); GRPO elsewhere."""
+    return method in ("ppl", "position") and shape_from <= step < shape_until
 
 
 def train(args: argparse.Namespace, model, tokenizer, train_set: list[dict],
@@ -544,6 +606,7 @@ def train(args: argparse.Namespace, model, tokenizer, train_set: list[dict],
     order: list[int] = []
     micro = args.micro_batch_size or args.prompts_per_step * args.group_size
     nonfinite_skips, accuracy, start = 0, None, time.time()
+    lam = 0.0 if args.lambda_schedule == "entropy" else args.pos_weight  # lambda_0 = 0 in [B]
     history: list[dict] = []
 
     metrics_path = out_dir / "metrics.jsonl"
@@ -587,6 +650,12 @@ def train(args: argparse.Namespace, model, tokenizer, train_set: list[dict],
             advantages = advantages * weight[:, None]
         if shaping and args.method == "position":
             advantages = position_shaped_advantages(advantages, mask, args.pos_alpha, args.pos_k)
+        token_weights = torch.ones_like(advantages)
+        if args.method == "posneg":
+            if args.lambda_schedule != "entropy":
+                lam = scheduled_lambda(args.lambda_schedule, step, args.steps, args.pos_weight,
+                                       args.lambda_epochs)
+            token_weights = posneg_token_weights(advantages, lam, args.neg_weight)
 
         # ---- 5. policy update: updates_per_batch passes over shuffled mini-batches
         stats = {"loss": 0.0, "clip_frac_low": 0.0, "clip_frac_high": 0.0, "approx_kl": 0.0}
@@ -605,7 +674,8 @@ def train(args: argparse.Namespace, model, tokenizer, train_set: list[dict],
                     logp = token_logprobs(logits, rollout["completion_ids"][idx], args.temperature)
                     tok_loss, ratio = clipped_token_loss(logp, old_logp[idx], advantages[idx],
                                                          args.clip_low, args.clip_high)
-                    loss = aggregate_loss(tok_loss, mask[idx], args.loss_agg, n_tokens, n_seqs)
+                    loss = aggregate_loss(tok_loss * token_weights[idx], mask[idx], args.loss_agg,
+                                          n_tokens, n_seqs)
                     if not torch.isfinite(loss):
                         finite = False
                         break
@@ -646,6 +716,8 @@ def train(args: argparse.Namespace, model, tokenizer, train_set: list[dict],
             "ppl_weight_min": weight.min().item(),
             "ppl_weight_max": weight.max().item(),
             "adv_abs_mean": masked_mean(advantages.abs(), mask),
+            "pos_weight": lam if args.method == "posneg" else None,
+            "cov_logp_adv": logp_adv_covariance(old_logp, advantages * token_weights, mask),
             **stats,
             "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else None,
             "lr": scheduler.get_last_lr()[0],
@@ -656,8 +728,13 @@ def train(args: argparse.Namespace, model, tokenizer, train_set: list[dict],
         with metrics_path.open("a") as f:  # the row is on disk before the next step starts
             f.write(json.dumps(row) + "\n")
         history.append(row)
-        bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{accuracy:.2f}",
-                        H=f"{row['entropy']:.3f}")
+        postfix = {"reward": f"{row['reward']:.2f}", "acc": f"{accuracy:.2f}",
+                   "H": f"{row['entropy']:.3f}"}
+        if args.method == "posneg":
+            postfix["lambda"] = f"{lam:.2f}"
+        bar.set_postfix(postfix)
+        if args.method == "posneg" and args.lambda_schedule == "entropy":
+            lam = entropy_guided_lambda(lam, row["entropy"], args.entropy_target, args.lambda_step)
 
     final_accuracy = evaluate_greedy(model, tokenizer, eval_set, args)
     first, last = history[: min(10, len(history))], history[-min(10, len(history)):]
@@ -828,7 +905,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--method", default="grpo", choices=METHODS,
-      help="grpo: plain GRPO; ppl: perplexity-based shaping; position: position-based shaping")
+      help="grpo: plain GRPO; ppl / position: perplexity- / position-based advantage shaping "
+           "[A]; posneg: positive/negative-advantage token weights [B]")
     a("--preset", choices=sorted(PRESETS), default=None,
       help="tiny (CPU, built-in task) or gsm8k (GPU); default: tiny without CUDA, gsm8k with it")
     a("--seed", type=int, default=0, help="seed for data order, sampling and initialisation")
@@ -864,6 +942,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="first step with shaping (default steps/3, the release's 200 of 600)")
     g.add_argument("--shape-until", type=int,
                    help="first step without shaping again (default steps/2, the release's 300 of 600)")
+    g = p.add_argument_group("posneg: positive/negative-advantage weights [B]")
+    g.add_argument("--pos-weight", type=float, default=1.0,
+                   help="lambda, the loss weight of tokens with A > 0 (fixed schedule); "
+                        "0 = negative-only")
+    g.add_argument("--neg-weight", type=float, default=1.0,
+                   help="loss weight of tokens with A < 0; 0 = positive-only")
+    g.add_argument("--lambda-schedule", choices=("fixed", "stage", "epoch", "entropy"),
+                   default="fixed", help="fixed: --pos-weight; stage: 0 for half the run, then "
+                   "0->1; epoch: (e-1)/(E-1); entropy: the entropy-guided controller (from 0)")
+    g.add_argument("--entropy-target", type=float, default=0.2,
+                   help="entropy schedule: target token entropy delta")
+    g.add_argument("--lambda-step", type=float, default=0.05,
+                   help="entropy schedule: lambda change per step")
+    g.add_argument("--lambda-epochs", type=int, default=None,
+                   help="epoch schedule: E (default: passes over the training set, at least 2)")
     g = p.add_argument_group("loss and optimisation")
     g.add_argument("--clip-low", type=float, default=0.2, help="PPO clip epsilon_low")
     g.add_argument("--clip-high", type=float, default=0.28, help="PPO clip epsilon_high (Clip-Higher)")
@@ -929,6 +1022,7 @@ def check_args(args: argparse.Namespace) -> None:
         (args.updates_per_batch >= 1, "--updates-per-batch must be at least 1"),
         (args.micro_batch_size >= 0, "--micro-batch-size must be 0 or more"),
         (args.clip_low >= 0 and args.clip_high >= 0, "clip ranges must be non-negative"),
+        (args.lambda_epochs is None or args.lambda_epochs >= 2, "--lambda-epochs must be at least 2"),
         (args.model != "tiny" or args.dataset == "builtin",
          "the tiny model only knows the built-in task; use --dataset builtin or pass --model"),
     ]
@@ -997,6 +1091,8 @@ def main(argv: list[str] | None = None) -> dict:
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     set_seed(args.seed)
     train_set, eval_set = load_data(args)
+    if args.lambda_epochs is None:  # the epoch schedule's E: passes over the training set
+        args.lambda_epochs = max(2, math.ceil(args.steps * args.prompts_per_step / len(train_set)))
     model, tokenizer = load_model(args, train_set)
     # Reseed after loading: a warm-up run and a cached run then sample the same RL batches.
     set_seed(args.seed)

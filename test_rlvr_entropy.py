@@ -380,7 +380,7 @@ def test_tiny_run_end_to_end_and_reload(tmp_path, method):
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert [r["accuracy"] is not None for r in rows] == [True, False, True]
     assert all(math.isfinite(r["entropy"]) and math.isfinite(r["loss"]) for r in rows)
-    assert all(r["shaping"] == (method != "grpo") for r in rows)
+    assert all(r["shaping"] == (method in ("ppl", "position")) for r in rows)
     assert 0.0 <= summary["final_accuracy"] <= 1.0
     model = AutoModelForCausalLM.from_pretrained(out / "model")
     tok = AutoTokenizer.from_pretrained(out / "model")
@@ -451,7 +451,7 @@ def test_cli_errors_have_no_traceback(tmp_path):
     for argv in (["--method", "nonsense"], ["--group-size", "1"]):
         proc = subprocess.run([sys.executable, str(HERE / "rlvr_entropy.py"), "--preset", "tiny",
                                "--out-dir", str(tmp_path / "o"), *argv],
-                              capture_output=True, text=True, timeout=120)
+                              capture_output=True, text=True, timeout=120, check=False)
         assert proc.returncode != 0
         assert "Traceback" not in proc.stderr
         assert ("invalid choice" in proc.stderr) or ("error: --group-size" in proc.stderr)
@@ -482,3 +482,68 @@ def test_local_model_folder_with_chat_template_and_local_dataset(tmp_path):
             "--micro-batch-size", "4", "--max-new-tokens", "8", "--out-dir", str(out)])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
+
+
+# ----------------------------------------------------------------------------- posneg [B]
+
+
+def test_posneg_weights_by_hand():
+    adv = torch.tensor([[1.5, 1.5, 0.0], [-0.5, -0.5, -0.5], [0.0, 0.0, 0.0]])
+    w = R.posneg_token_weights(adv, pos_weight=0.3, neg_weight=0.7)
+    assert torch.allclose(w, torch.tensor([[0.3, 0.3, 1.0], [0.7, 0.7, 0.7], [1.0, 1.0, 1.0]]))
+    # weighted token-mean loss: tokens (loss, w) = (2, .3), (4, .7), (-1, 1) -> (.6 + 2.8 - 1)/3
+    tok_loss = torch.tensor([[2.0, 4.0, -1.0]])
+    weights = R.posneg_token_weights(torch.tensor([[1.0, -1.0, 0.0]]), 0.3, 0.7)
+    loss = R.aggregate_loss(tok_loss * weights, torch.ones(1, 3))
+    assert loss.item() == pytest.approx((0.6 + 2.8 - 1.0) / 3)
+
+
+def test_lambda_schedules_by_hand():
+    steps = 10
+    fixed = [R.scheduled_lambda("fixed", k, steps, fixed=0.4) for k in range(steps)]
+    assert fixed == [0.4] * 10
+    # stage: 0 for steps 0-4, then (k - 5) / (9 - 5) for k = 5..9
+    stage = [R.scheduled_lambda("stage", k, steps) for k in range(steps)]
+    assert stage == pytest.approx([0, 0, 0, 0, 0, 0, 0.25, 0.5, 0.75, 1.0])
+    # epoch: E = 5 parts of 2 steps each -> (e - 1)/4
+    epoch = [R.scheduled_lambda("epoch", k, steps, n_epochs=5) for k in range(steps)]
+    assert epoch == pytest.approx([0, 0, .25, .25, .5, .5, .75, .75, 1, 1])
+
+
+def test_entropy_guided_lambda_over_a_scripted_trace():
+    # delta = 0.2, step 0.05, lambda_0 = 0. Entropy above target -> +0.05, below -> -0.05,
+    # always clipped to [0, 1].
+    trace = [0.5, 0.4, 0.3, 0.25, 0.1, 0.1, 0.1, 0.1, 0.3]
+    lam, seen = 0.0, []
+    for h in trace:
+        lam = R.entropy_guided_lambda(lam, h, target=0.2, step_size=0.05)
+        seen.append(lam)
+    assert seen == pytest.approx([0.05, 0.10, 0.15, 0.20, 0.15, 0.10, 0.05, 0.0, 0.05])
+    assert R.entropy_guided_lambda(0.98, 0.9, 0.2, 0.05) == 1.0
+    assert R.entropy_guided_lambda(0.02, 0.1, 0.2, 0.05) == 0.0
+
+
+def test_logp_adv_covariance_against_a_naive_loop():
+    torch.manual_seed(3)
+    lp, adv = torch.randn(4, 6), torch.randn(4, 1).expand(4, 6).clone()
+    mask = (torch.rand(4, 6) > 0.4).float()
+    pairs = [(lp[i, t].item(), adv[i, t].item()) for i in range(4) for t in range(6) if mask[i, t]]
+    mx = sum(p[0] for p in pairs) / len(pairs)
+    ma = sum(p[1] for p in pairs) / len(pairs)
+    naive = sum((x - mx) * (a - ma) for x, a in pairs) / len(pairs)
+    assert R.logp_adv_covariance(lp, adv, mask) == pytest.approx(naive, abs=1e-6)
+
+
+@pytest.mark.parametrize("schedule", ["fixed", "stage", "epoch", "entropy"])
+def test_posneg_tiny_run_per_schedule(tmp_path, schedule):
+    out = tmp_path / schedule
+    R.main(["--preset", "tiny", "--method", "posneg", "--lambda-schedule", schedule,
+            "--pos-weight", "0.5", "--entropy-target", "0.001", "--out-dir", str(out),
+            "--cache-dir", str(tmp_path / "cache"), *SMALL])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r[k]) for r in rows for k in ("loss", "entropy", "cov_logp_adv"))
+    lams = [r["pos_weight"] for r in rows]
+    expected = {"fixed": [0.5, 0.5, 0.5], "stage": [0.0, 0.0, 1.0],  # 3 steps: half = 1
+                "epoch": [0.0, 0.0, 1.0],                            # E = 2: steps 0-1, 2
+                "entropy": [0.0, 0.05, 0.10]}[schedule]              # entropy > .001: always up
+    assert lams == pytest.approx(expected)
