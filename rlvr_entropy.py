@@ -13,8 +13,8 @@ advantage-shaping methods of
 
 Read it top to bottom. The core path is sections 1-7:
 data -> reward -> rollout -> log-probs -> advantages -> loss -> step.
-Sections 8-10 cover evaluation, the built-in tiny model with its warm-up, and the
-command line.
+Sections 8-11 cover evaluation, the built-in tiny model with its warm-up, checkpoints
+and resume, and the command line.
 
     python rlvr_entropy.py --method ppl                 # tiny preset on CPU, a few minutes
     python rlvr_entropy.py --preset gsm8k --method ppl  # Qwen2.5-0.5B-Instruct on GSM8K, one GPU
@@ -34,6 +34,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import time
 import unicodedata
 from fractions import Fraction
@@ -275,7 +276,7 @@ def generate_rollouts(model, tokenizer, prompts: list[str], group_size: int,
     # Every sampling knob is passed explicitly: values left unset would be taken from the
     # checkpoint's generation_config (Qwen instruct ships top_k=20, repetition_penalty>1),
     # and then the sampler would not be the policy pi whose log-probs we train on.
-    sampling = {"do_sample": False} if greedy else {
+    sampling = {"do_sample": False, "repetition_penalty": 1.0} if greedy else {
         "do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0,
         "min_p": None, "typical_p": 1.0, "repetition_penalty": 1.0}
     was_training = model.training
@@ -320,7 +321,7 @@ def decode_completions(tokenizer, rollout: dict) -> list[str]:
 # 4. Token statistics: log-probs, entropy, perplexity
 #   log pi(o_t)  = z[o_t] - logsumexp(z),  z = logits / temperature
 #   H_t          = -sum_v pi(v) log pi(v)                 (the whole vocabulary)
-#   log_ppl(o_i) = -(1/|o_i|) sum_t log pi(o_{i,t}),  PPL = exp(log_ppl)    ([A], Sec. 3)
+#   log_ppl(o_i) = -(1/|o_i|) sum_t log pi(o_{i,t}),  PPL = exp(log_ppl)    (as in [A])
 # =========================================================================================
 
 
@@ -590,8 +591,10 @@ def shaping_active(method: str, step: int, shape_from: int, shape_until: int) ->
 
 
 def train(args: argparse.Namespace, model, tokenizer, train_set: list[dict],
-          eval_set: list[dict], out_dir: Path) -> dict:
-    """The RL loop. Writes out_dir/metrics.jsonl (one row per step) and returns a summary."""
+          eval_set: list[dict], out_dir: Path, resume: dict | None = None) -> dict:
+    """The RL loop. Writes out_dir/metrics.jsonl (one row per step) and returns a summary.
+    `resume` is a checkpoint's trainer state (section 10): the loop then continues exactly
+    where that checkpoint left off."""
     from tqdm import tqdm
 
     device = next(model.parameters()).device
@@ -608,10 +611,23 @@ def train(args: argparse.Namespace, model, tokenizer, train_set: list[dict],
     nonfinite_skips, accuracy, start = 0, None, time.time()
     lam = 0.0 if args.lambda_schedule == "entropy" else args.pos_weight  # lambda_0 = 0 in [B]
     history: list[dict] = []
-
+    first_step = 0
     metrics_path = out_dir / "metrics.jsonl"
-    metrics_path.write_text("")
-    bar = tqdm(range(args.steps), desc=f"{args.method}", dynamic_ncols=True)
+    if resume is None:
+        metrics_path.write_text("")
+    else:  # section 10: restore every piece of state, then drop rows past the checkpoint
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        order_rng.setstate(resume["order_rng"])
+        order, lam = resume["order"], resume["lam"]
+        nonfinite_skips, accuracy = resume["nonfinite_skips"], resume["accuracy"]
+        first_step, start = resume["step"], time.time() - resume["elapsed"]
+        history = truncate_metrics(metrics_path, first_step)
+        set_rng_state(resume["rng"])
+    stop = {"signum": None}  # set by SIGINT / SIGTERM: finish the step, save, exit
+    previous_handlers = catch_stop_signals(stop)
+    bar = tqdm(range(first_step, args.steps), desc=f"{args.method}", dynamic_ncols=True,
+               initial=first_step, total=args.steps)
     for step in bar:
         t0 = time.time()
         # ---- evaluation of the policy that is about to sample this step's batch
@@ -635,6 +651,11 @@ def train(args: argparse.Namespace, model, tokenizer, train_set: list[dict],
         texts = decode_completions(tokenizer, rollout)
         golds = [p["answer"] for p in batch for _ in range(args.group_size)]
         rewards = torch.tensor([reward_fn(t, g) for t, g in zip(texts, golds)], device=device)
+        rewards_ok = bool(torch.isfinite(rewards).all())
+        if not rewards_ok:  # a broken reward must not reach the weights: skip this update
+            nonfinite_skips += 1
+            rewards = torch.nan_to_num(rewards, nan=0.0, posinf=0.0, neginf=0.0)
+            tqdm.write(f"warning: non-finite reward at step {step}; update skipped")
 
         # ---- 3. old log-probs, entropy and perplexity under the sampling policy
         old_logp, entropy = old_policy_stats(model, rollout, args.temperature, micro, args.bf16)
@@ -662,7 +683,7 @@ def train(args: argparse.Namespace, model, tokenizer, train_set: list[dict],
         grad_norms, n_updates = [], 0
         B = mask.shape[0]
         model.train()
-        for _ in range(args.updates_per_batch):
+        for _ in range(args.updates_per_batch if rewards_ok else 0):
             for mb in torch.randperm(B, device=device).chunk(args.mini_batches):
                 n_tokens, n_seqs = mask[mb].sum(), float(len(mb))
                 optimizer.zero_grad(set_to_none=True)
@@ -736,6 +757,22 @@ def train(args: argparse.Namespace, model, tokenizer, train_set: list[dict],
         if args.method == "posneg" and args.lambda_schedule == "entropy":
             lam = entropy_guided_lambda(lam, row["entropy"], args.entropy_target, args.lambda_step)
 
+        # ---- 7. checkpoint (section 10) every --save-every steps, and on SIGINT / SIGTERM
+        if stop["signum"] is not None or (args.save_every and (step + 1) % args.save_every == 0):
+            state = {"step": step + 1, "order": order, "order_rng": order_rng.getstate(),
+                     "lam": lam, "nonfinite_skips": nonfinite_skips, "accuracy": accuracy,
+                     "elapsed": time.time() - start, "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "rng": get_rng_state()}
+            save_checkpoint(out_dir, model, tokenizer, state)
+        if stop["signum"] is not None:
+            bar.close()
+            restore_signal_handlers(previous_handlers)
+            name = signal.Signals(stop["signum"]).name
+            print(f"stopped by {name} after step {step}; checkpoint saved in {out_dir / 'checkpoint'}."
+                  f" Resume with the same command plus --resume")
+            raise SystemExit(128 + stop["signum"])
+    restore_signal_handlers(previous_handlers)
+
     final_accuracy = evaluate_greedy(model, tokenizer, eval_set, args)
     first, last = history[: min(10, len(history))], history[-min(10, len(history)):]
     summary = {
@@ -786,16 +823,25 @@ TINY_MODEL = {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 
 
 
 def build_char_tokenizer():
-    """One token per printable ASCII character plus newline, with <pad> and <eos>."""
+    """One token per printable ASCII character plus newline, with <pad>, <eos> and <unk>.
+
+    Space and newline are spelled 'Ġ' and 'Ċ', as in GPT-2's byte-level alphabet, where
+    every other printable ASCII character stands for itself. transformers loads any
+    tokenizer saved next to a Qwen2 model as a Qwen2Tokenizer, which maps text to that
+    alphabet first. With this spelling it gives back the same ids, so a saved tiny model
+    reloads with AutoTokenizer unchanged.
+    """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<eos>", "<unk>"]
-    chars = ["\n"] + [chr(c) for c in range(32, 127)]
+    chars = ["\u010a", "\u0120"] + [chr(c) for c in range(33, 127)]  # Ċ = newline, Ġ = space
     vocab = {t: i for i, t in enumerate(specials + chars)}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # one char each
-    core.decoder = decoders.Fuse()  # join characters back without spaces
+    core.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),  # " " -> "Ġ", ...
+        pre_tokenizers.Split(Regex("."), behavior="isolated")])             # one char each
+    core.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>",
                                    unk_token="<unk>", padding_side="left")
 
@@ -880,7 +926,90 @@ def tiny_warm_model(args: argparse.Namespace, train_set: list[dict]):
 
 
 # =========================================================================================
-# 10. Command line
+# 10. Checkpoints, resume and interruptions (not needed to follow the method)
+# A checkpoint holds the model and tokenizer (save_pretrained) and trainer_state.pt: the
+# next step, optimizer and LR-scheduler state, every RNG state, lambda, the data order,
+# the skip count and the last accuracy. With all of it restored, a resumed CPU run
+# reproduces the uninterrupted run's metrics exactly. The write is atomic: build
+# checkpoint.tmp/, move the old checkpoint aside, rename, then delete the old one. A
+# crash at any instant leaves a complete checkpoint/ or checkpoint.old/.
+# =========================================================================================
+
+
+def get_rng_state() -> dict:
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(out_dir: Path, model, tokenizer, state: dict) -> bool:
+    """Write out_dir/checkpoint atomically. Refuses (returns False) if any weight is NaN/inf."""
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        print("warning: non-finite weights; checkpoint not written")
+        return False
+    final, tmp, old = out_dir / "checkpoint", out_dir / "checkpoint.tmp", out_dir / "checkpoint.old"
+    shutil.rmtree(tmp, ignore_errors=True)  # a save that died half-way
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    torch.save(state, tmp / "trainer_state.pt")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return True
+
+
+def find_checkpoint(out_dir: Path) -> Path | None:
+    """The complete checkpoint in out_dir: checkpoint/, else checkpoint.old/ (a crash came
+    between the two renames). checkpoint.tmp/ is never complete, so it is ignored."""
+    for name in ("checkpoint", "checkpoint.old"):
+        if (out_dir / name / "trainer_state.pt").exists():
+            return out_dir / name
+    return None
+
+
+def truncate_metrics(metrics_path: Path, first_step: int) -> list[dict]:
+    """Keep the rows of steps before `first_step` (a killed run may have written later
+    ones, and a cut-off last line), rewrite the file with them, and return them."""
+    rows = []
+    if metrics_path.exists():
+        for line in metrics_path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            if row["step"] >= first_step:
+                break
+            rows.append(row)
+    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def catch_stop_signals(stop: dict) -> dict:
+    """SIGINT / SIGTERM record themselves in stop["signum"]; a second one stops at once."""
+    def handler(signum, frame):
+        if stop["signum"] is not None:
+            raise KeyboardInterrupt
+        stop["signum"] = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint")
+
+    return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+
+
+def restore_signal_handlers(previous: dict) -> None:
+    for s, h in previous.items():
+        signal.signal(s, h)
+
+
+# =========================================================================================
+# 11. Command line
 # =========================================================================================
 
 PRESETS = {
@@ -913,6 +1042,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--steps", type=int, help="RL steps (preset default)")
     a("--out-dir", default=None, help="where metrics.jsonl and the model go "
       "(default runs/<preset>-<method>-seed<seed>)")
+    a("--save-every", type=int, default=0,
+      help="write <out-dir>/checkpoint every N steps (0: only on SIGINT/SIGTERM)")
+    a("--resume", action="store_true",
+      help="continue from <out-dir>/checkpoint; pass the same other flags as the first run")
     g = p.add_argument_group("data and reward")
     g.add_argument("--model", help="hub name or local folder of a causal LM ('tiny' = built-in)")
     g.add_argument("--dataset", help="'builtin', 'gsm8k', or a .jsonl/.json/.parquet/.csv file")
@@ -1021,6 +1154,7 @@ def check_args(args: argparse.Namespace) -> None:
         (1 <= args.mini_batches <= B, f"--mini-batches must be between 1 and {B}"),
         (args.updates_per_batch >= 1, "--updates-per-batch must be at least 1"),
         (args.micro_batch_size >= 0, "--micro-batch-size must be 0 or more"),
+        (args.save_every >= 0, "--save-every must be 0 or more"),
         (args.clip_low >= 0 and args.clip_high >= 0, "clip ranges must be non-negative"),
         (args.lambda_epochs is None or args.lambda_epochs >= 2, "--lambda-epochs must be at least 2"),
         (args.model != "tiny" or args.dataset == "builtin",
@@ -1090,20 +1224,33 @@ def main(argv: list[str] | None = None) -> dict:
     check_args(args)
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     set_seed(args.seed)
+    out_dir = Path(args.out_dir)
+    checkpoint = find_checkpoint(out_dir) if args.resume else None
+    if args.resume and checkpoint is None:
+        raise SystemExit(f"error: --resume: no complete checkpoint in {out_dir}; "
+                         "run without --resume to start afresh")
     train_set, eval_set = load_data(args)
     if args.lambda_epochs is None:  # the epoch schedule's E: passes over the training set
         args.lambda_epochs = max(2, math.ceil(args.steps * args.prompts_per_step / len(train_set)))
-    model, tokenizer = load_model(args, train_set)
+    resume = None
+    if checkpoint is not None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(checkpoint).to(args.device)
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        resume = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
+        print(f"resuming from {checkpoint} at step {resume['step']}")
+    else:
+        model, tokenizer = load_model(args, train_set)
     # Reseed after loading: a warm-up run and a cached run then sample the same RL batches.
     set_seed(args.seed)
-    out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "args.json").write_text(json.dumps({k: str(v) if isinstance(v, torch.device) else v
                                                    for k, v in vars(args).items()}, indent=1))
     print(f"{args.method} on {args.dataset} with {args.model}: {args.steps} steps, "
           f"{args.prompts_per_step} prompts x G={args.group_size}, device {args.device}; "
           f"shaping window [{args.shape_from}, {args.shape_until})")
-    summary = train(args, model, tokenizer, train_set, eval_set, out_dir)
+    summary = train(args, model, tokenizer, train_set, eval_set, out_dir, resume)
     model.save_pretrained(out_dir / "model")
     tokenizer.save_pretrained(out_dir / "model")
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))

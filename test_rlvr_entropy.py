@@ -5,6 +5,7 @@ Run: python -m pytest -q test_rlvr_entropy.py"""
 import json
 import math
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -200,12 +201,21 @@ def tiny():
     return R.build_tiny_model(tokenizer, seed=0), tokenizer
 
 
-def test_char_tokenizer_round_trips(tiny):
-    _, tok = tiny
-    text = "Question: 7-1+9\nAnswer: 7-1=6 #### 15"
+def test_char_tokenizer_round_trips_also_through_auto_tokenizer(tiny, tmp_path):
+    from transformers import AutoTokenizer
+
+    model, tok = tiny
+    text = "Question: 7-1+9\nAnswer: 7-1=6 #### 15\n\n  ~{}\\"
     ids = tok(text, add_special_tokens=False).input_ids
-    assert len(ids) == len(text)
+    assert len(ids) == len(text)  # one token per character
+    assert ids[:2] == [tok.convert_tokens_to_ids("Q"), tok.convert_tokens_to_ids("u")]
     assert tok.decode(ids) == text
+    # saved beside a Qwen2 model, it comes back as a Qwen2Tokenizer: the ids must not change
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    assert again(text, add_special_tokens=False).input_ids == ids
+    assert again.decode(ids) == text and again.padding_side == "left"
 
 
 def test_recomputed_logprobs_equal_the_samplers_own(tiny):
@@ -547,3 +557,104 @@ def test_posneg_tiny_run_per_schedule(tmp_path, schedule):
                 "epoch": [0.0, 0.0, 1.0],                            # E = 2: steps 0-1, 2
                 "entropy": [0.0, 0.05, 0.10]}[schedule]              # entropy > .001: always up
     assert lams == pytest.approx(expected)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+RESUME = ["--preset", "tiny", "--method", "position", "--steps", "20", "--prompts-per-step", "4",
+          "--group-size", "4", "--eval-size", "16", "--eval-every", "3", "--max-new-tokens", "16",
+          "--warmup-steps", "20", "--train-size", "40", "--shape-from", "2", "--shape-until", "15"]
+
+
+def metric_rows(out: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("time", "step_time")} for r in rows]
+
+
+def interrupt_then_resume(tmp_path: Path, sig: int, after_rows: int) -> Path:
+    """Start a run in a subprocess, send `sig` once it has logged `after_rows` rows, then
+    resume it in this process. Returns its out dir."""
+    out = tmp_path / f"interrupted-{sig}"
+    proc = subprocess.Popen([sys.executable, str(HERE / "rlvr_entropy.py"), *RESUME,
+                             "--save-every", "2", "--out-dir", str(out),
+                             "--cache-dir", str(tmp_path / "cache")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics, deadline = out / "metrics.jsonl", time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= after_rows:
+            proc.send_signal(sig)
+            break
+        time.sleep(0.02)
+    output, _ = proc.communicate(timeout=180)
+    assert proc.returncode == -sig or proc.returncode == 128 + sig, output  # it was interrupted
+    if sig == signal.SIGTERM:
+        assert "--resume" in output  # tells the user how to go on
+    R.main([*RESUME, "--save-every", "2", "--out-dir", str(out),
+            "--cache-dir", str(tmp_path / "cache"), "--resume"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("resume")
+    R.main([*RESUME, "--out-dir", str(tmp / "full"), "--cache-dir", str(tmp / "cache")])
+    return tmp
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_interrupted_run_resumes_to_identical_metrics(uninterrupted, sig):
+    out = interrupt_then_resume(uninterrupted, sig, after_rows=5)
+    full = uninterrupted / "full"
+    assert metric_rows(out) == metric_rows(full)  # one row per step, every value equal
+    assert [r["step"] for r in metric_rows(out)] == list(range(20))
+    assert (json.loads((out / "summary.json").read_text())["final_accuracy"]
+            == json.loads((full / "summary.json").read_text())["final_accuracy"])
+
+
+def test_half_written_checkpoint_is_ignored(tmp_path):
+    out = tmp_path / "run"
+    R.main([*RESUME, "--steps", "4", "--save-every", "2", "--out-dir", str(out),
+            "--cache-dir", str(tmp_path / "cache")])
+    (out / "checkpoint.tmp").mkdir()                      # a save that died half-way
+    (out / "checkpoint.tmp" / "config.json").write_text("{broken")
+    assert R.find_checkpoint(out) == out / "checkpoint"
+    (out / "checkpoint").rename(out / "checkpoint.old")   # died between the two renames
+    assert R.find_checkpoint(out) == out / "checkpoint.old"
+    R.main([*RESUME, "--steps", "6", "--out-dir", str(out), "--cache-dir", str(tmp_path / "cache"),
+            "--resume"])
+    assert [r["step"] for r in metric_rows(out)] == list(range(6))
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="no complete checkpoint"):
+        R.main([*RESUME, "--out-dir", str(tmp_path / "none"), "--resume"])
+
+
+def test_truncate_metrics_drops_later_and_cut_off_rows(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 0}\n{"step": 1}\n{"step": 2}\n{"step": 3, "rew')
+    assert R.truncate_metrics(path, 2) == [{"step": 0}, {"step": 1}]
+    assert path.read_text() == '{"step": 0}\n{"step": 1}\n'
+    path.write_text('{"step": 0}\n{"step": 1, "cut')
+    assert R.truncate_metrics(path, 5) == [{"step": 0}]
+
+
+def test_no_checkpoint_with_nan_weights(tmp_path, tiny):
+    model, tok = tiny
+    broken = R.build_tiny_model(tok, seed=0)
+    with torch.no_grad():
+        next(broken.parameters())[0, 0] = float("nan")
+    assert R.save_checkpoint(tmp_path, broken, tok, {"step": 1}) is False
+    assert not (tmp_path / "checkpoint").exists() and not (tmp_path / "checkpoint.tmp").exists()
+    assert R.save_checkpoint(tmp_path, model, tok, {"step": 1}) is True
+    assert R.find_checkpoint(tmp_path) == tmp_path / "checkpoint"
+
+
+def test_nonfinite_reward_skips_the_update(tmp_path, monkeypatch):
+    monkeypatch.setattr(R, "math_reward", lambda *a, **k: float("nan"))
+    out = tmp_path / "nanreward"
+    R.main(["--preset", "tiny", "--out-dir", str(out), "--cache-dir", str(tmp_path / "cache"),
+            *SMALL])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["nonfinite_skips"] for r in rows] == [1, 2, 3]
+    assert all(r["grad_norm"] is None for r in rows)  # no optimizer step was taken
