@@ -247,6 +247,13 @@ def math_verify_reward(completion: str, gold: str) -> float:
     return float(verify(parse(f"${gold}$"), parse(completion)))
 
 
+def reward_function(name: str = "math", last_number_fallback: bool = False):
+    """The (completion, gold) -> reward callable that --reward names."""
+    if name == "math-verify":
+        return math_verify_reward
+    return lambda completion, gold: math_reward(completion, gold, last_number_fallback)
+
+
 # =========================================================================================
 # 3. Rollouts
 # G responses per prompt, sampled in one batched model.generate call with the KV cache.
@@ -599,8 +606,7 @@ def train(args: argparse.Namespace, model, tokenizer, train_set: list[dict],
 
     device = next(model.parameters()).device
     eos_ids = eos_token_ids(model, tokenizer)
-    reward_fn = (math_verify_reward if args.reward == "math-verify" else
-                 lambda text, gold: math_reward(text, gold, args.last_number_fallback))
+    reward_fn = reward_function(args.reward, args.last_number_fallback)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                   betas=(0.9, 0.99))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -795,6 +801,7 @@ def evaluate_greedy(model, tokenizer, problems: list[dict], args: argparse.Names
     """Fraction of held-out problems whose greedy response earns reward 1."""
     device = next(model.parameters()).device
     eos_ids = eos_token_ids(model, tokenizer)
+    reward_fn = reward_function(args.reward, args.last_number_fallback)
     correct = 0
     for i in range(0, len(problems), args.eval_batch_size):
         chunk = problems[i:i + args.eval_batch_size]
@@ -803,10 +810,7 @@ def evaluate_greedy(model, tokenizer, problems: list[dict], args: argparse.Names
             rollout = generate_rollouts(model, tokenizer, prompts, 1, args.max_new_tokens,
                                         greedy=True, eos_token_ids=eos_ids)
         for text, p in zip(decode_completions(tokenizer, rollout), chunk):
-            if args.reward == "math-verify":
-                correct += math_verify_reward(text, p["answer"])
-            else:
-                correct += math_reward(text, p["answer"], args.last_number_fallback)
+            correct += reward_fn(text, p["answer"])
     return correct / max(1, len(problems))
 
 
