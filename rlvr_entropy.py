@@ -333,46 +333,79 @@ def decode_completions(tokenizer, rollout: dict) -> list[str]:
 
 
 def completion_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      n_completion: int) -> torch.Tensor:
-    """Logits that predict the last `n_completion` tokens: (B, T, V).
+                      n_completion: int, temperature: float = 1.0) -> torch.Tensor:
+    """Logits / temperature that predict the last `n_completion` tokens: (B, T, V).
 
     logits_to_keep skips the LM head on prompt positions, which saves a (B, P, V) tensor.
     Position ids are cumsum(mask) - 1, the same ids generate() used on left-padded
     prompts. Without them the recomputed log-probs would not match the sampler's.
+    The division by the temperature is done in place: `logits / T` would allocate a
+    second (B, T, V) tensor. The LM head's backward needs its input, not its output, so
+    autograd allows the in-place edit.
     """
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 logits_to_keep=n_completion + 1, use_cache=False)
-    return out.logits[:, :-1]  # position t predicts token t+1, so drop the last one
+    logits = out.logits[:, :-1]  # position t predicts token t+1, so drop the last one
+    return logits.div_(temperature) if temperature != 1.0 else logits
+
+
+def logit_chunks(logits: torch.Tensor, chunk_elems: int = 2**24) -> list[torch.Tensor]:
+    """Split (B, T, V) into (n, V) views of at most ~chunk_elems logits, row by row.
+
+    Views, never copies: `logits.reshape(-1, V)` would copy, because the logits of
+    completion_logits are a slice (not contiguous). 2**24 fp32 logits are 64 MB."""
+    n = max(1, chunk_elems // logits.shape[-1])
+    return [chunk for row in logits for chunk in row.split(n)]
+
+
+def _fp32_logsumexp(chunk: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(chunk.float(), -1)
 
 
 def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor,
-                   temperature: float = 1.0) -> torch.Tensor:
-    """log pi(token) for each position: (B, T, V), (B, T) -> (B, T), differentiable.
+                   temperature: float = 1.0, chunk_elems: int = 2**24) -> torch.Tensor:
+    """log pi(token) for each position: (B, T, V), (B, T) -> (B, T) fp32, differentiable.
 
-    The logits are divided by the *sampling* temperature. The responses were drawn from
-    softmax(z / T), so that is the behaviour policy. Recomputing at T = 1 would give a
-    ratio pi_new / pi_old != 1 even on-policy, and the clip would fire for no reason.
-    Written as gathered logit minus logsumexp, which never builds a log_softmax tensor.
+    log pi(o_t) = z[o_t] - logsumexp(z), z = logits / T. No log_softmax tensor is built,
+    and logsumexp runs a chunk at a time because it allocates an exp() temporary the size
+    of its input. Autograd then keeps only the logits (which exist anyway) and (B, T)
+    results: no second (B, T, V) fp32 copy.
+    T is the *sampling* temperature: the responses were drawn from softmax(z / T), so that
+    is the behaviour policy. At T = 1 the ratio pi_new / pi_old would be != 1 even on-policy
+    and the clip would fire for no reason. Pass T = 1 for logits that are already divided
+    (completion_logits does it in place); any other T costs one (B, T, V) copy here.
+    bf16/fp16 logits: a logsumexp in 8 mantissa bits is off by ~1e-2, so each chunk is
+    upcast to fp32, under activation checkpointing so that backward recomputes the fp32
+    chunk instead of keeping it. (The gathered logit needs no upcast: it is exact.)
     """
-    z = logits.float() / temperature
-    return z.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, -1)
+    if temperature != 1.0:
+        logits = logits / temperature
+    picked = logits.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
+    if logits.dtype in (torch.float32, torch.float64):
+        lse = [torch.logsumexp(c, -1) for c in logit_chunks(logits, chunk_elems)]
+    else:
+        from torch.utils.checkpoint import checkpoint
+
+        lse = [checkpoint(_fp32_logsumexp, c, use_reentrant=False) if c.requires_grad
+               else _fp32_logsumexp(c) for c in logit_chunks(logits, chunk_elems)]
+    return picked.to(lse[0].dtype) - torch.cat(lse).view(picked.shape)
 
 
 @torch.no_grad()
 def token_entropy(logits: torch.Tensor, temperature: float = 1.0,
-                  chunk_size: int = 1024) -> torch.Tensor:
-    """H_t = -sum_v p_v log p_v over the full vocabulary: (B, T, V) -> (B, T).
+                  chunk_elems: int = 2**24) -> torch.Tensor:
+    """H_t = -sum_v p_v log p_v over the full vocabulary: (B, T, V) -> (B, T), fp32.
 
-    Computed under no_grad, `chunk_size` positions at a time, so the fp32 log-softmax is
-    never held for the whole batch (B*T*V*4 bytes: 5 GB at 8 x 1024 tokens of Qwen).
+    Computed under no_grad (entropy is measured, not trained), one chunk of positions at a
+    time, so the fp32 log-softmax never exists for the whole batch (B*T*V*4 bytes: 5 GB
+    at 8 x 1024 tokens of Qwen). Reuses the same logits as token_logprobs.
     """
-    flat = logits.reshape(-1, logits.shape[-1])
-    out = torch.empty(flat.shape[0], device=logits.device)
-    for i in range(0, flat.shape[0], chunk_size):
-        logp = torch.log_softmax(flat[i:i + chunk_size].float() / temperature, -1)
-        out[i:i + chunk_size] = -(logp.exp() * logp).sum(-1)
-    return out.view(logits.shape[:-1])
+    out = []
+    for chunk in logit_chunks(logits, chunk_elems):
+        logp = torch.log_softmax(chunk.float() / temperature, -1)
+        out.append(-(logp.exp().mul_(logp)).sum(-1))
+    return torch.cat(out).view(logits.shape[:-1])
 
 
 def sequence_log_ppl(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -586,9 +619,9 @@ def old_policy_stats(model, rollout: dict, temperature: float, micro_batch_size:
     for i in range(0, ids.shape[0], micro_batch_size):
         with autocast_ctx(ids.device, bf16):
             logits = completion_logits(model, ids[i:i + micro_batch_size],
-                                       attn[i:i + micro_batch_size], comp.shape[1])
-        logps.append(token_logprobs(logits, comp[i:i + micro_batch_size], temperature))
-        ents.append(token_entropy(logits, temperature))
+                                       attn[i:i + micro_batch_size], comp.shape[1], temperature)
+        logps.append(token_logprobs(logits, comp[i:i + micro_batch_size]))  # already / T
+        ents.append(token_entropy(logits))
     return torch.cat(logps), torch.cat(ents)
 
 
@@ -597,10 +630,32 @@ def shaping_active(method: str, step: int, shape_from: int, shape_until: int) ->
     return method in ("ppl", "position") and shape_from <= step < shape_until
 
 
+def enable_gradient_checkpointing(model) -> None:
+    """Keep only each layer's input in forward and recompute the layer in backward: the
+    activations of a 1.5B model at 8 x 512 tokens no longer all sit in memory at once.
+    Active in train mode only, so generation (eval mode) keeps its KV cache."""
+    kwargs = {"use_reentrant": False}  # the non-reentrant form also works with frozen inputs
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x renamed it
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def peak_memory_mb(device: torch.device) -> float | None:
+    """Peak memory so far: CUDA max_memory_allocated on a GPU, else the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
+
+
 def train(args: argparse.Namespace, model, tokenizer, train_set: list[dict],
           eval_set: list[dict], out_dir: Path, resume: dict | None = None) -> dict:
     """The RL loop. Writes out_dir/metrics.jsonl (one row per step) and returns a summary.
-    `resume` is a checkpoint's trainer state (section 10): the loop then continues exactly
+    `resume` is a checkpoint's trainer state (section 11): the loop then continues exactly
     where that checkpoint left off."""
     from tqdm import tqdm
 
@@ -621,7 +676,7 @@ def train(args: argparse.Namespace, model, tokenizer, train_set: list[dict],
     metrics_path = out_dir / "metrics.jsonl"
     if resume is None:
         metrics_path.write_text("")
-    else:  # section 10: restore every piece of state, then drop rows past the checkpoint
+    else:  # section 11: restore every piece of state, then drop rows past the checkpoint
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
         order_rng.setstate(resume["order_rng"])
@@ -630,15 +685,34 @@ def train(args: argparse.Namespace, model, tokenizer, train_set: list[dict],
         first_step, start = resume["step"], time.time() - resume["elapsed"]
         history = truncate_metrics(metrics_path, first_step)
         set_rng_state(resume["rng"])
+    # Stage of [A] (section 9), recomputed from the logged rows, so a resumed run agrees.
+    stage_step = detect_plateau([r["entropy"] for r in history], [r["reward"] for r in history],
+                                args.stage_window, args.stage_frac, args.stage_patience)
+    if args.shape_from_plateau:  # shaping starts the step after the detection
+        detected = next((r["step"] for r in history if r["stage"] == "plateau"), None)
+        args.shape_from = args.steps if detected is None else detected + 1
+
+    def now() -> float:  # CUDA kernels run asynchronously: wait, or phase times are wrong
+        if args.profile and device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
     stop = {"signum": None}  # set by SIGINT / SIGTERM: finish the step, save, exit
     previous_handlers = catch_stop_signals(stop)
     bar = tqdm(range(first_step, args.steps), desc=f"{args.method}", dynamic_ncols=True,
                initial=first_step, total=args.steps)
     for step in bar:
-        t0 = time.time()
+        t0, phase = time.time(), {}
+        if args.profile and device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         # ---- evaluation of the policy that is about to sample this step's batch
+        tic = now()
+        sampled_eval = (None, None)
         if step % args.eval_every == 0:
             accuracy = evaluate_greedy(model, tokenizer, eval_set, args)
+        if step == 0 and args.eval_k:
+            sampled_eval = evaluate_sampled(model, tokenizer, eval_set, args)
+        phase["eval"], tic = now() - tic, now()
 
         # ---- 1. prompts and rollouts
         while len(order) < args.prompts_per_step:
@@ -652,6 +726,7 @@ def train(args: argparse.Namespace, model, tokenizer, train_set: list[dict],
                                         args.max_new_tokens, args.temperature, args.top_p,
                                         eos_token_ids=eos_ids)
         mask = rollout["completion_mask"]
+        phase["rollout"], tic = now() - tic, now()
 
         # ---- 2. verifiable rewards
         texts = decode_completions(tokenizer, rollout)
@@ -662,10 +737,12 @@ def train(args: argparse.Namespace, model, tokenizer, train_set: list[dict],
             nonfinite_skips += 1
             rewards = torch.nan_to_num(rewards, nan=0.0, posinf=0.0, neginf=0.0)
             tqdm.write(f"warning: non-finite reward at step {step}; update skipped")
+        phase["reward"], tic = now() - tic, now()
 
         # ---- 3. old log-probs, entropy and perplexity under the sampling policy
         old_logp, entropy = old_policy_stats(model, rollout, args.temperature, micro, args.bf16)
         log_ppl = sequence_log_ppl(old_logp, mask)
+        phase["old_logp"], tic = now() - tic, now()
 
         # ---- 4. advantages, then shaping
         adv_seq, zero_var = grpo_advantages(rewards, args.group_size, not args.no_std_scaling)
@@ -689,6 +766,7 @@ def train(args: argparse.Namespace, model, tokenizer, train_set: list[dict],
         grad_norms, n_updates = [], 0
         B = mask.shape[0]
         model.train()
+        phase["optimizer"] = 0.0
         for _ in range(args.updates_per_batch if rewards_ok else 0):
             for mb in torch.randperm(B, device=device).chunk(args.mini_batches):
                 n_tokens, n_seqs = mask[mb].sum(), float(len(mb))
@@ -697,8 +775,9 @@ def train(args: argparse.Namespace, model, tokenizer, train_set: list[dict],
                 for idx in mb.split(micro):  # gradient accumulation over micro-batches
                     with autocast_ctx(device, args.bf16):
                         logits = completion_logits(model, rollout["input_ids"][idx],
-                                                   rollout["attention_mask"][idx], mask.shape[1])
-                    logp = token_logprobs(logits, rollout["completion_ids"][idx], args.temperature)
+                                                   rollout["attention_mask"][idx], mask.shape[1],
+                                                   args.temperature)
+                    logp = token_logprobs(logits, rollout["completion_ids"][idx])
                     tok_loss, ratio = clipped_token_loss(logp, old_logp[idx], advantages[idx],
                                                          args.clip_low, args.clip_high)
                     loss = aggregate_loss(tok_loss * token_weights[idx], mask[idx], args.loss_agg,
@@ -718,16 +797,20 @@ def train(args: argparse.Namespace, model, tokenizer, train_set: list[dict],
                     optimizer.zero_grad(set_to_none=True)
                     tqdm.write(f"warning: non-finite loss at step {step}; update skipped")
                     continue
+                t_opt = now()
                 grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                                  args.max_grad_norm).item())
                 optimizer.step()
+                phase["optimizer"] += now() - t_opt
                 stats["loss"] += mb_loss
                 n_updates += 1
         scheduler.step()
         stats["loss"] /= max(n_updates, 1)
+        phase["loss_backward"] = now() - tic - phase["optimizer"]
 
-        # ---- 6. log one row
-        pos, neg = (rewards > 0.5)[:, None] * mask, (rewards <= 0.5)[:, None] * mask
+        # ---- 6. log one row (the analysis views of [A] are in section 9)
+        is_pos = rewards > 0.5
+        pos, neg = is_pos[:, None] * mask, ~is_pos[:, None] * mask
         row = {
             "step": step,
             "reward": rewards.mean().item(),
@@ -736,6 +819,10 @@ def train(args: argparse.Namespace, model, tokenizer, train_set: list[dict],
             "entropy_pos": masked_mean(entropy, pos),
             "entropy_neg": masked_mean(entropy, neg),
             "log_ppl": log_ppl.mean().item(),
+            "log_ppl_pos": log_ppl[is_pos].mean().item() if is_pos.any() else None,
+            "log_ppl_neg": log_ppl[~is_pos].mean().item() if (~is_pos).any() else None,
+            "high_entropy_ppl_terciles": high_entropy_ppl_terciles(entropy, mask, log_ppl),
+            "entropy_by_position": entropy_by_position(entropy, mask),
             "response_len": mask.sum(1).mean().item(),
             "truncated_frac": rollout["truncated"].float().mean().item(),
             "zero_var_frac": zero_var.float().mean().item(),
@@ -749,21 +836,37 @@ def train(args: argparse.Namespace, model, tokenizer, train_set: list[dict],
             "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else None,
             "lr": scheduler.get_last_lr()[0],
             "nonfinite_skips": nonfinite_skips,
+            "avg_at_k": sampled_eval[0],
+            "pass_at_k": sampled_eval[1],
             "step_time": time.time() - t0,
             "time": time.time() - start,
+            "profile": {**{f"{k}_s": v for k, v in phase.items()},
+                        "gen_tokens_per_s": mask.sum().item() / max(phase["rollout"], 1e-9),
+                        "peak_mem_mb": peak_memory_mb(device)},
         }
+        if stage_step is None:  # online: only the rows logged so far
+            stage_step = detect_plateau([r["entropy"] for r in history] + [row["entropy"]],
+                                        [r["reward"] for r in history] + [row["reward"]],
+                                        args.stage_window, args.stage_frac, args.stage_patience)
+            if stage_step is not None and args.shape_from_plateau:
+                args.shape_from = step + 1  # shaping starts with the next batch
+                tqdm.write(f"plateau detected at step {step} (transition ~step {stage_step}); "
+                           f"shaping from step {step + 1}")
+        row["stage"] = "rising" if stage_step is None else "plateau"
         with metrics_path.open("a") as f:  # the row is on disk before the next step starts
             f.write(json.dumps(row) + "\n")
         history.append(row)
         postfix = {"reward": f"{row['reward']:.2f}", "acc": f"{accuracy:.2f}",
-                   "H": f"{row['entropy']:.3f}"}
+                   "H": f"{row['entropy']:.3f}", "stage": row["stage"]}
         if args.method == "posneg":
             postfix["lambda"] = f"{lam:.2f}"
         bar.set_postfix(postfix)
+        if args.profile:
+            tqdm.write(format_profile(step, row["profile"]))
         if args.method == "posneg" and args.lambda_schedule == "entropy":
             lam = entropy_guided_lambda(lam, row["entropy"], args.entropy_target, args.lambda_step)
 
-        # ---- 7. checkpoint (section 10) every --save-every steps, and on SIGINT / SIGTERM
+        # ---- 7. checkpoint (section 11) every --save-every steps, and on SIGINT / SIGTERM
         if stop["signum"] is not None or (args.save_every and (step + 1) % args.save_every == 0):
             state = {"step": step + 1, "order": order, "order_rng": order_rng.getstate(),
                      "lam": lam, "nonfinite_skips": nonfinite_skips, "accuracy": accuracy,
@@ -780,42 +883,171 @@ def train(args: argparse.Namespace, model, tokenizer, train_set: list[dict],
     restore_signal_handlers(previous_handlers)
 
     final_accuracy = evaluate_greedy(model, tokenizer, eval_set, args)
-    first, last = history[: min(10, len(history))], history[-min(10, len(history)):]
+    final_avg, final_pass = evaluate_sampled(model, tokenizer, eval_set, args) if args.eval_k else (None, None)
+
+    def mean_of(key: str, rows: list[dict]) -> float:
+        return sum(r[key] for r in rows) / len(rows)
+
     summary = {
         "method": args.method, "seed": args.seed, "steps": args.steps,
         "start_accuracy": history[0]["accuracy"], "final_accuracy": final_accuracy,
-        "entropy_first10": sum(r["entropy"] for r in first) / len(first),
-        "entropy_last10": sum(r["entropy"] for r in last) / len(last),
+        "eval_k": args.eval_k, "start_avg_at_k": history[0]["avg_at_k"], "final_avg_at_k": final_avg,
+        "start_pass_at_k": history[0]["pass_at_k"], "final_pass_at_k": final_pass,
+        "entropy_first10": mean_of("entropy", history[:10]),
+        "entropy_last10": mean_of("entropy", history[-10:]),
+        "final_entropy": mean_of("entropy", history[-20:]),  # the last 20 steps, as in [B]'s tables
+        "stage_step": stage_step,
         "nonfinite_skips": nonfinite_skips, "train_time": time.time() - start,
+        "profile": {key: mean_of(key, [r["profile"] for r in history])
+                    for key in history[-1]["profile"] if key != "peak_mem_mb"},
     }
+    peaks = [r["profile"]["peak_mem_mb"] for r in history if r["profile"]["peak_mem_mb"] is not None]
+    summary["profile"]["peak_mem_mb"] = max(peaks) if peaks else None
+    if args.profile:
+        print(format_profile("mean", summary["profile"]))
     return summary
 
 
 # =========================================================================================
-# 8. Evaluation: greedy accuracy on the held-out split
+# 8. Evaluation: greedy accuracy, and avg@k / pass@k as the papers report them
+#   avg@k  = mean over problems of c/k                (c correct among k samples)
+#   pass@k = mean over problems of 1 - C(n-c, k) / C(n, k)   (Chen et al. 2021, unbiased;
+#            with n = k samples it is the share of problems solved at least once)
 # =========================================================================================
 
 
 @torch.no_grad()
 def evaluate_greedy(model, tokenizer, problems: list[dict], args: argparse.Namespace) -> float:
     """Fraction of held-out problems whose greedy response earns reward 1."""
+    outcomes = eval_outcomes(model, tokenizer, problems, args, 1, greedy=True)
+    return sum(o[0] for o in outcomes) / max(1, len(problems))
+
+
+@torch.no_grad()
+def eval_outcomes(model, tokenizer, problems: list[dict], args: argparse.Namespace, k: int,
+                  greedy: bool = False, temperature: float = 1.0, top_p: float = 1.0) -> list[list[float]]:
+    """Rewards of k responses to each held-out problem: one list of k per problem."""
     device = next(model.parameters()).device
     eos_ids = eos_token_ids(model, tokenizer)
     reward_fn = reward_function(args.reward, args.last_number_fallback)
-    correct = 0
-    for i in range(0, len(problems), args.eval_batch_size):
-        chunk = problems[i:i + args.eval_batch_size]
+    outcomes = []
+    per_batch = max(1, args.eval_batch_size // k)
+    for i in range(0, len(problems), per_batch):
+        chunk = problems[i:i + per_batch]
         prompts = [build_prompt(tokenizer, p["question"], args.instruction) for p in chunk]
         with autocast_ctx(device, args.bf16):
-            rollout = generate_rollouts(model, tokenizer, prompts, 1, args.max_new_tokens,
-                                        greedy=True, eos_token_ids=eos_ids)
-        for text, p in zip(decode_completions(tokenizer, rollout), chunk):
-            correct += reward_fn(text, p["answer"])
-    return correct / max(1, len(problems))
+            rollout = generate_rollouts(model, tokenizer, prompts, k, args.max_new_tokens,
+                                        temperature, top_p, greedy=greedy, eos_token_ids=eos_ids)
+        texts = decode_completions(tokenizer, rollout)
+        outcomes += [[reward_fn(texts[j * k + g], p["answer"]) for g in range(k)]
+                     for j, p in enumerate(chunk)]
+    return outcomes
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+@torch.no_grad()
+def evaluate_sampled(model, tokenizer, problems: list[dict],
+                     args: argparse.Namespace) -> tuple[float, float]:
+    """(avg@k, pass@k) over the held-out problems, k = args.eval_k samples each at
+    --eval-temperature / --eval-top-p (0.6 / 0.95 in the released runs of [A]).
+    Sampled under a forked RNG with a fixed seed: the score does not depend on when it is
+    taken, and turning it on does not change the training batches."""
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(args.seed + 1)
+        outcomes = eval_outcomes(model, tokenizer, problems, args, args.eval_k,
+                                 temperature=args.eval_temperature, top_p=args.eval_top_p)
+    n = len(outcomes)
+    avg = sum(sum(o) / len(o) for o in outcomes) / max(1, n)
+    pas = sum(pass_at_k(len(o), int(sum(o)), len(o)) for o in outcomes) / max(1, n)
+    return avg, pas
 
 
 # =========================================================================================
-# 9. The tiny preset: a character-level tokenizer, a small Qwen2, a supervised warm-up
+# 9. Entropy analysis of [A], computed live (after the core path; not needed to train)
+# Stage: [A] splits training into a rising stage (accuracy climbs, entropy falls fast) and
+#   a plateau stage (both flatten). Our online rule: slope_x(t) = least-squares slope of x
+#   over the last w steps. The rising stage is "reward climbs and entropy falls", so we
+#   keep the steepest climb so far, up_R(t) = max_{s<=t} slope_R(s), and the steepest fall,
+#   down_H(t) = max_{s<=t} -slope_H(s). The plateau starts once slope_R < f*up_R and
+#   -slope_H < f*down_H (neither still moving the rising way) for `patience` steps in a
+#   row. Signed slopes matter: the reward of a 256-sample batch is noisy, and a wobble
+#   down is not "still rising". The slope at t describes the centre of its window, so the
+#   transition is reported as the first of those steps minus w//2.
+# Views, per step: entropy / log-PPL of positive vs negative responses; where the batch's
+#   top-20% entropy tokens sit across response-PPL terciles; entropy by position decile.
+# =========================================================================================
+
+
+def ls_slope(y: list[float]) -> float:
+    """Least-squares slope of y against 0, 1, ..., len(y) - 1."""
+    n = len(y)
+    x_mean, y_mean = (n - 1) / 2, sum(y) / n
+    return (sum((i - x_mean) * (v - y_mean) for i, v in enumerate(y))
+            / sum((i - x_mean) ** 2 for i in range(n)))
+
+
+def detect_plateau(entropy: list[float], reward: list[float], window: int = 10,
+                   frac: float = 0.25, patience: int = 5) -> int | None:
+    """Step where training leaves the rising stage, or None while it has not (see above).
+    Causal: the answer for a prefix of the curves never changes when more steps arrive."""
+    down_h = up_r = 0.0
+    run = 0
+    for t in range(window - 1, len(entropy)):
+        s_h, s_r = ls_slope(entropy[t - window + 1:t + 1]), ls_slope(reward[t - window + 1:t + 1])
+        down_h, up_r = max(down_h, -s_h), max(up_r, s_r)
+        still_rising = s_r >= frac * up_r or -s_h >= frac * down_h
+        run = 0 if still_rising else run + 1
+        if run == patience:
+            return max(0, t - patience + 1 - window // 2)
+    return None
+
+
+def high_entropy_ppl_terciles(entropy: torch.Tensor, mask: torch.Tensor, log_ppl: torch.Tensor,
+                              top_frac: float = 0.2) -> list[float]:
+    """Share of the batch's high-entropy tokens (top `top_frac` of valid tokens) inside
+    responses of low / middle / high perplexity (terciles of the B responses by rank).
+    (B, T), (B, T), (B,) -> [low, mid, high], summing to 1."""
+    valid = mask > 0
+    threshold = torch.quantile(entropy[valid].float(), 1 - top_frac)
+    high = ((entropy >= threshold) & valid).sum(1).float()  # (B,) high-entropy tokens per response
+    rank = torch.empty_like(log_ppl, dtype=torch.long)
+    rank[log_ppl.argsort(stable=True)] = torch.arange(len(log_ppl), device=log_ppl.device)
+    tercile = rank * 3 // len(log_ppl)  # 0 = lowest PPL
+    total = high.sum().clamp(min=1)
+    return [(high[tercile == k].sum() / total).item() for k in range(3)]
+
+
+def entropy_by_position(entropy: torch.Tensor, mask: torch.Tensor, bins: int = 10) -> list[float | None]:
+    """Mean token entropy per relative-position bin: token t of a response of length L is in
+    bin floor(bins * t / L). (B, T), (B, T) -> `bins` values (None for an empty bin)."""
+    lengths = mask.sum(1, keepdim=True).clamp(min=1)
+    t = torch.arange(mask.shape[1], device=mask.device)[None, :].float()
+    which = (bins * t / lengths).floor().long().clamp(max=bins - 1)
+    out = []
+    for b in range(bins):
+        sel = (which == b) & (mask > 0)
+        out.append(entropy[sel].mean().item() if sel.any() else None)
+    return out
+
+
+def format_profile(step: int | str, profile: dict) -> str:
+    """One line of --profile output: seconds per phase, tokens/s and peak memory."""
+    phases = " ".join(f"{k[:-2]} {v:.3f}s" for k, v in profile.items()
+                      if k not in ("gen_tokens_per_s", "peak_mem_mb"))
+    mem = profile.get("peak_mem_mb")
+    return (f"[profile] step {step}: {phases} | {profile['gen_tokens_per_s']:.0f} tok/s | "
+            f"peak mem {'n/a' if mem is None else f'{mem:.0f} MB'}")
+
+
+# =========================================================================================
+# 10. The tiny preset: a character-level tokenizer, a small Qwen2, a supervised warm-up
 # Real RLVR starts from an instruct model that already answers in the right format. The
 # tiny preset gets the same starting point in seconds: a few hundred supervised steps on
 # worked solutions of the built-in task. That leaves a model that knows the format and
@@ -930,7 +1162,7 @@ def tiny_warm_model(args: argparse.Namespace, train_set: list[dict]):
 
 
 # =========================================================================================
-# 10. Checkpoints, resume and interruptions (not needed to follow the method)
+# 11. Checkpoints, resume and interruptions (not needed to follow the method)
 # A checkpoint holds the model and tokenizer (save_pretrained) and trainer_state.pt: the
 # next step, optimizer and LR-scheduler state, every RNG state, lambda, the data order,
 # the skip count and the last accuracy. With all of it restored, a resumed CPU run
@@ -1013,7 +1245,232 @@ def restore_signal_handlers(previous: dict) -> None:
 
 
 # =========================================================================================
-# 11. Command line
+# 12. Plots and method comparison (reads run folders; not needed to train)
+#   plot RUN_DIR ... -o fig.png       curves of one or more runs on shared axes
+#   compare --methods a,b --seeds N   runs each method on the same seeds, then tables them
+# =========================================================================================
+
+
+def read_run(run_dir: Path) -> dict:
+    """A run folder as plain data: its args, metrics rows and (if finished) summary."""
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.exists():
+        raise SystemExit(f"error: {run_dir} is not a run folder (no metrics.jsonl)")
+    rows = []
+    for line in metrics.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a run killed mid-write: keep the complete rows
+            break
+    if not rows:
+        raise SystemExit(f"error: {metrics} has no complete rows yet")
+    args = json.loads((run_dir / "args.json").read_text()) if (run_dir / "args.json").exists() else {}
+    summary = run_dir / "summary.json"
+    stage = detect_plateau([r["entropy"] for r in rows], [r["reward"] for r in rows],
+                           args.get("stage_window", 10), args.get("stage_frac", 0.25),
+                           args.get("stage_patience", 5))
+    return {"dir": run_dir, "args": args, "rows": rows, "stage_step": stage,
+            "summary": json.loads(summary.read_text()) if summary.exists() else None,
+            "label": f"{args.get('method', run_dir.name)} seed {args.get('seed', '?')}"}
+
+
+def moving_average(values: list[float | None], window: int = 5) -> list[float | None]:
+    """Trailing mean over the last `window` non-missing values (None stays None)."""
+    out, seen = [], []
+    for v in values:
+        if v is not None:
+            seen.append(v)
+        out.append(sum(seen[-window:]) / len(seen[-window:]) if v is not None else None)
+    return out
+
+
+def plot_runs(run_dirs: list[Path], out_path: Path, smooth: int = 5) -> Path:
+    """Draw reward/accuracy, entropy, positive vs negative entropy and the position profile
+    of each run, one colour per method, a dotted line at each run's stage transition."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("error: plotting needs matplotlib: pip install matplotlib") from None
+    matplotlib.use("Agg")  # files only: works without a display
+    import matplotlib.pyplot as plt
+
+    runs = [read_run(Path(d)) for d in run_dirs]
+    methods = list(dict.fromkeys(r["args"].get("method", "?") for r in runs))
+    colour = {m: f"C{i}" for i, m in enumerate(methods)}
+    fig, ax = plt.subplots(2, 2, figsize=(12, 8.5))
+    labelled = set()
+    for run in runs:
+        rows, method = run["rows"], run["args"].get("method", "?")
+        c = colour[method]
+        label = method if method not in labelled else None
+        labelled.add(method)
+        steps = [r["step"] for r in rows]
+        ax[0, 0].plot(steps, moving_average([r["reward"] for r in rows], smooth), c=c, lw=1,
+                      label=label and f"{label}: train reward")
+        acc = [(r["step"], r["accuracy"]) for r in rows if r["accuracy"] is not None]
+        if run["summary"] is not None:
+            acc.append((rows[-1]["step"] + 1, run["summary"]["final_accuracy"]))
+        ax[0, 0].plot(*zip(*acc), c=c, ls="--", marker="o", ms=3, lw=1,
+                      label=label and f"{label}: held-out greedy acc")
+        ax[0, 1].plot(steps, moving_average([r["entropy"] for r in rows], smooth), c=c, lw=1,
+                      label=label)
+        ax[1, 0].plot(steps, moving_average([r["entropy_pos"] for r in rows], smooth), c=c, lw=1,
+                      label=label and f"{label}: positive (r=1)")
+        ax[1, 0].plot(steps, moving_average([r["entropy_neg"] for r in rows], smooth), c=c,
+                      lw=1, ls="--", label=label and f"{label}: negative (r=0)")
+        if run["stage_step"] is not None:
+            for a in (ax[0, 0], ax[0, 1], ax[1, 0]):
+                a.axvline(run["stage_step"], c=c, ls=":", lw=1)
+        n = max(1, len(rows) // 10)  # first and last 10% of the steps
+        for part, ls, name in ((rows[:n], "--", "early"), (rows[-n:], "-", "late")):
+            profile = []
+            for b in range(10):
+                vals = [r["entropy_by_position"][b] for r in part
+                        if r["entropy_by_position"][b] is not None]
+                profile.append(sum(vals) / len(vals) if vals else float("nan"))
+            ax[1, 1].plot([b * 10 + 5 for b in range(10)], profile, c=c, ls=ls, marker=".",
+                          label=label and f"{label}: {name} ({'first' if name == 'early' else 'last'}"
+                                          f" {n} steps)")
+    titles = [(f"reward ({smooth}-step mean) and held-out accuracy; dotted: plateau starts", "step"),
+              (f"token entropy ({smooth}-step mean)", "step"),
+              ("entropy of positive vs negative responses", "step"),
+              ("entropy by relative position in the response", "position (% of response)")]
+    for a, (title, xlabel) in zip(ax.flat, titles):
+        a.set_title(title, fontsize=10)
+        a.set_xlabel(xlabel)
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path
+
+
+def mean_std(values: list[float | None], digits: int = 3) -> str:
+    """'mean ± sample std' ('mean' alone for one value, 'n/a' for none)."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "n/a"
+    m = sum(vals) / len(vals)
+    if len(vals) == 1:
+        return f"{m:.{digits}f}"
+    std = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
+    return f"{m:.{digits}f} ± {std:.{digits}f}"
+
+
+def compare_table(runs: list[dict], wall: dict) -> str:
+    """Markdown table, one line per method: mean ± std over its runs (seeds)."""
+    k = next((r["summary"]["eval_k"] for r in runs if r["summary"]), 0)
+    header = (f"| method | runs | final greedy acc | avg@{k} | pass@{k} | final entropy "
+              "(last 20 steps) | plateau step | wall time (s) |")
+    lines = [header, "|" + "---|" * 8]
+    for method in dict.fromkeys(r["args"]["method"] for r in runs):
+        done = [r for r in runs if r["args"]["method"] == method and r["summary"]]
+        get = [[r["summary"][key] for r in done] for key in
+               ("final_accuracy", "final_avg_at_k", "final_pass_at_k", "final_entropy")]
+        stages = [r["stage_step"] for r in done if r["stage_step"] is not None]
+        stage = "none" if not stages else mean_std(stages, 1) + (
+            f" ({len(stages)} of {len(done)} runs)" if len(stages) < len(done) else "")
+        secs = mean_std([wall[str(r["dir"])] for r in done], 0)
+        lines.append(f"| {method} | {len(done)} | " + " | ".join(mean_std(v) for v in get)
+                     + f" | {stage} | {secs} |")
+    return "\n".join(lines) + "\n"
+
+
+def compare(argv: list[str]) -> str:
+    """`compare`: train each method on each seed (same preset and flags), then write
+    compare.md and compare.png in --out-dir and print the table."""
+    import subprocess
+    import sys
+
+    p = argparse.ArgumentParser(
+        prog="rlvr_entropy.py compare", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Run several methods on the same seeds and table them. Any other flag "
+                    "(e.g. --preset, --steps) is passed to every training run.")
+    p.add_argument("--methods", default="grpo,ppl,position", help="comma-separated methods")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 for every method")
+    p.add_argument("--out-dir", default="runs/compare", help="one sub-folder per run, plus "
+                   "compare.md and compare.png")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at the same time; with more than 1 each run uses "
+                        "cpu_count/jobs threads (--threads), which changes its numbers slightly")
+    opts, train_flags = p.parse_known_args(argv)
+    methods = [m.strip() for m in opts.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise SystemExit(f"error: --methods: unknown {bad or 'empty'}; choose from {', '.join(METHODS)}")
+    if opts.seeds < 1 or opts.jobs < 1:
+        raise SystemExit("error: --seeds and --jobs must be at least 1")
+    blocked = {"--method", "--seed", "--out-dir", "--resume"} & {f.split("=")[0] for f in train_flags}
+    if blocked:
+        raise SystemExit(f"error: compare sets {', '.join(sorted(blocked))} itself")
+    args = parse_args(train_flags)  # validate the shared flags once, before any run starts
+    check_args(args)
+    if args.model == "tiny":  # warm up once here, so parallel runs do not all do it
+        set_seed(args.seed)
+        tiny_warm_model(args, load_data(args)[0])
+    out_root = Path(opts.out_dir)
+    threads = max(1, (os.cpu_count() or 1) // opts.jobs) if opts.jobs > 1 else None
+    todo = [(m, s) for m in methods for s in range(opts.seeds)]
+    running, wall, failed = [], {}, []
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(todo), desc="compare", dynamic_ncols=True)
+    start = time.time()
+    while todo or running:
+        while todo and len(running) < opts.jobs:
+            method, seed = todo.pop(0)
+            run_dir = out_root / f"{method}-seed{seed}"
+            run_dir.mkdir(parents=True, exist_ok=True)
+            cmd = [sys.executable, os.path.abspath(__file__), "--method", method, "--seed", str(seed),
+                   "--out-dir", str(run_dir), *train_flags]
+            cmd += ["--threads", str(threads)] if threads and "--threads" not in train_flags else []
+            log = (run_dir / "log.txt").open("w")
+            running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT),
+                            run_dir, time.time(), log))
+        time.sleep(0.5)
+        for job in [j for j in running if j[0].poll() is not None]:
+            proc, run_dir, t0, log = job
+            log.close()
+            running.remove(job)
+            wall[str(run_dir)] = time.time() - t0
+            if proc.returncode != 0:
+                failed.append(run_dir)
+                tqdm.write(f"{run_dir} failed (exit {proc.returncode}); see {run_dir / 'log.txt'}")
+            bar.update(1)
+    bar.close()
+    runs = [read_run(Path(d)) for d in wall if Path(d) not in failed]
+    runs.sort(key=lambda r: (methods.index(r["args"]["method"]), r["args"]["seed"]))
+    flags = " ".join(train_flags)
+    table = compare_table(runs, wall) if runs else "no run finished\n"
+    text = (f"Command: `python rlvr_entropy.py compare --methods {','.join(methods)} "
+            f"--seeds {opts.seeds} --jobs {opts.jobs}{' ' + flags if flags else ''}`; "
+            f"total wall time {time.time() - start:.0f} s.\n\n{table}")
+    (out_root / "compare.md").write_text(text)
+    if runs:
+        plot_runs([r["dir"] for r in runs], out_root / "compare.png")
+    print(text + f"\nsaved {out_root / 'compare.md'} and {out_root / 'compare.png'}")
+    if failed:
+        raise SystemExit(f"error: {len(failed)} run(s) failed: {', '.join(map(str, failed))}")
+    return text
+
+
+def plot_command(argv: list[str]) -> Path:
+    """`plot RUN_DIR [RUN_DIR ...] -o fig.png`."""
+    p = argparse.ArgumentParser(prog="rlvr_entropy.py plot",
+                                description="Plot one or more run folders on shared axes.")
+    p.add_argument("run_dirs", nargs="+", help="folders written by a training run")
+    p.add_argument("-o", "--output", default="runs/plot.png", help="PNG file to write")
+    p.add_argument("--smooth", type=int, default=5, help="moving-average window (steps)")
+    opts = p.parse_args(argv)
+    out = plot_runs([Path(d) for d in opts.run_dirs], Path(opts.output), max(1, opts.smooth))
+    print(f"saved {out}")
+    return out
+
+
+# =========================================================================================
+# 13. Command line
 # =========================================================================================
 
 PRESETS = {
@@ -1075,10 +1532,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="ppl: weight = clamp(1 - alpha*z, 0.8, 1.2); 0.01 as released")
     g.add_argument("--pos-alpha", type=float, default=0.1, help="position: bonus scale alpha")
     g.add_argument("--pos-k", type=float, default=15.0, help="position: sigmoid steepness k")
-    g.add_argument("--shape-from", type=int,
-                   help="first step with shaping (default steps/3, the release's 200 of 600)")
+    g.add_argument("--shape-from", default=None,
+                   help="first step with shaping (default steps/3, the release's 200 of 600), "
+                        "or 'plateau': from the step after the detected plateau stage")
     g.add_argument("--shape-until", type=int,
-                   help="first step without shaping again (default steps/2, the release's 300 of 600)")
+                   help="first step without shaping again (default steps/2, the release's 300 "
+                        "of 600; with --shape-from plateau: the end of the run)")
+    g.add_argument("--stage-window", type=int, default=10,
+                   help="stage detector: steps in each least-squares slope")
+    g.add_argument("--stage-frac", type=float, default=0.25,
+                   help="stage detector: plateau when both slopes fall below this fraction of "
+                        "their steepest value so far")
+    g.add_argument("--stage-patience", type=int, default=5,
+                   help="stage detector: ... for this many steps in a row")
     g = p.add_argument_group("posneg: positive/negative-advantage weights [B]")
     g.add_argument("--pos-weight", type=float, default=1.0,
                    help="lambda, the loss weight of tokens with A > 0 (fixed schedule); "
@@ -1109,8 +1575,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clip")
     g = p.add_argument_group("evaluation and machine")
     g.add_argument("--eval-every", type=int, help="greedy held-out accuracy every N steps")
-    g.add_argument("--eval-batch-size", type=int, default=256, help="prompts per eval batch")
+    g.add_argument("--eval-batch-size", type=int, default=256,
+                   help="responses generated per eval batch")
+    g.add_argument("--eval-k", type=int, default=8,
+                   help="avg@k and pass@k with k samples per held-out problem, at the first "
+                        "and the last step (0: off)")
+    g.add_argument("--eval-temperature", type=float, default=0.6,
+                   help="sampling temperature of avg@k/pass@k (0.6 as released)")
+    g.add_argument("--eval-top-p", type=float, default=0.95,
+                   help="top-p of avg@k/pass@k (0.95 as released)")
+    g.add_argument("--profile", action="store_true",
+                   help="print seconds per phase, generated tokens/s and peak memory each step "
+                        "and a summary at the end (also logged in metrics.jsonl either way)")
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in backward: less memory, ~30%% more compute")
     g.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+    g.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for torch (0: torch's default)")
     g.add_argument("--no-bf16", dest="bf16", action="store_false",
                    help="on CUDA, run in fp32 instead of bf16 autocast")
     g.add_argument("--trust-remote-code", action="store_true",
@@ -1135,8 +1616,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    if args.shape_from is None:
+    args.shape_from_plateau = args.shape_from == "plateau"
+    if args.shape_from_plateau:  # train() sets shape_from when it detects the plateau
+        args.shape_from = args.steps
+        args.shape_until = args.steps if args.shape_until is None else args.shape_until
+    elif args.shape_from is None:
         args.shape_from = args.steps // 3
+    else:
+        try:
+            args.shape_from = int(args.shape_from)
+        except ValueError:
+            p.error(f"argument --shape-from: expected a step or 'plateau', got '{args.shape_from}'")
     if args.shape_until is None:
         args.shape_until = args.steps // 2
     if args.out_dir is None:
@@ -1153,6 +1643,11 @@ def check_args(args: argparse.Namespace) -> None:
         (args.steps >= 1, "--steps must be at least 1"),
         (args.prompts_per_step >= 1, "--prompts-per-step must be at least 1"),
         (args.eval_every >= 1, "--eval-every must be at least 1"),
+        (args.eval_k >= 0, "--eval-k must be 0 or more"),
+        (args.eval_temperature > 0 and 0 < args.eval_top_p <= 1,
+         "--eval-temperature must be positive and --eval-top-p in (0, 1]"),
+        (args.stage_window >= 3 and args.stage_patience >= 1 and 0 < args.stage_frac < 1,
+         "--stage-window must be at least 3, --stage-patience at least 1, --stage-frac in (0, 1)"),
         (args.temperature > 0, "--temperature must be positive"),
         (0 < args.top_p <= 1, "--top-p must be in (0, 1]"),
         (1 <= args.mini_batches <= B, f"--mini-batches must be between 1 and {B}"),
@@ -1221,12 +1716,21 @@ def load_model(args: argparse.Namespace, train_set: list[dict]):
 
 
 def main(argv: list[str] | None = None) -> dict:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "plot":
+        return {"plot": str(plot_command(argv[1:]))}
+    if argv and argv[0] == "compare":
+        return {"compare": compare(argv[1:])}
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # no bars for reading or writing a few MB of weights
     args = parse_args(argv)
     check_args(args)
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     set_seed(args.seed)
     out_dir = Path(args.out_dir)
     checkpoint = find_checkpoint(out_dir) if args.resume else None
@@ -1246,21 +1750,27 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"resuming from {checkpoint} at step {resume['step']}")
     else:
         model, tokenizer = load_model(args, train_set)
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     # Reseed after loading: a warm-up run and a cached run then sample the same RL batches.
     set_seed(args.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "args.json").write_text(json.dumps({k: str(v) if isinstance(v, torch.device) else v
                                                    for k, v in vars(args).items()}, indent=1))
+    first = "plateau" if args.shape_from_plateau else args.shape_from
     print(f"{args.method} on {args.dataset} with {args.model}: {args.steps} steps, "
           f"{args.prompts_per_step} prompts x G={args.group_size}, device {args.device}; "
-          f"shaping window [{args.shape_from}, {args.shape_until})")
+          f"shaping window [{first}, {args.shape_until})")
     summary = train(args, model, tokenizer, train_set, eval_set, out_dir, resume)
     model.save_pretrained(out_dir / "model")
     tokenizer.save_pretrained(out_dir / "model")
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    print(f"accuracy {summary['start_accuracy']:.3f} -> {summary['final_accuracy']:.3f}; "
-          f"entropy (first 10 -> last 10 steps) {summary['entropy_first10']:.3f} -> "
-          f"{summary['entropy_last10']:.3f}; saved to {out_dir}")
+    sampled = (f"avg@{args.eval_k} {summary['final_avg_at_k']:.3f}, pass@{args.eval_k} "
+               f"{summary['final_pass_at_k']:.3f}; " if args.eval_k else "")
+    print(f"greedy accuracy {summary['start_accuracy']:.3f} -> {summary['final_accuracy']:.3f}; "
+          f"{sampled}entropy (first 10 -> last 10 steps) {summary['entropy_first10']:.3f} -> "
+          f"{summary['entropy_last10']:.3f}; plateau from step {summary['stage_step']}; "
+          f"saved to {out_dir}")
     return summary
 
 

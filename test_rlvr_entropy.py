@@ -174,7 +174,7 @@ def test_chunked_logprobs_and_entropy_match_plain_log_softmax():
         assert torch.allclose(R.token_logprobs(logits, ids, T),
                               ref.gather(-1, ids[..., None]).squeeze(-1), atol=1e-5)
         ref_h = -(ref.exp() * ref).sum(-1)
-        assert torch.allclose(R.token_entropy(logits, T, chunk_size=5), ref_h, atol=1e-5)
+        assert torch.allclose(R.token_entropy(logits, T, chunk_elems=5 * 37), ref_h, atol=1e-5)
 
 
 def test_sequence_log_ppl_over_valid_tokens():
@@ -404,7 +404,7 @@ def test_same_seed_same_metrics(tmp_path):
         R.main(["--preset", "tiny", "--method", "ppl", "--out-dir", str(tmp_path / name),
                 "--cache-dir", str(tmp_path / "cache"), *SMALL])
         rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-        return [{k: v for k, v in r.items() if k not in ("time", "step_time")} for r in rows]
+        return [{k: v for k, v in r.items() if k not in ("time", "step_time", "profile")} for r in rows]
 
     assert run("a") == run("b")  # the second run also loads the cached warm-up
 
@@ -568,7 +568,7 @@ RESUME = ["--preset", "tiny", "--method", "position", "--steps", "20", "--prompt
 
 def metric_rows(out: Path) -> list[dict]:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in ("time", "step_time")} for r in rows]
+    return [{k: v for k, v in r.items() if k not in ("time", "step_time", "profile")} for r in rows]
 
 
 def interrupt_then_resume(tmp_path: Path, sig: int, after_rows: int) -> Path:
@@ -658,3 +658,262 @@ def test_nonfinite_reward_skips_the_update(tmp_path, monkeypatch):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["nonfinite_skips"] for r in rows] == [1, 2, 3]
     assert all(r["grad_norm"] is None for r in rows)  # no optimizer step was taken
+
+
+# ----------------------------------------------------------------------------- memory and speed
+
+MEMORY_PROBE = """
+import resource, sys, torch
+sys.path.insert(0, {here!r})
+import rlvr_entropy as R
+torch.manual_seed(0)
+logits = torch.randn(4, 512, 151936).requires_grad_(True)   # a Qwen vocabulary, fp32: 1.24 GB
+ids = torch.randint(0, 151936, (4, 512))
+def peak():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KB on Linux
+base = peak()
+if sys.argv[1] == "ours":
+    logp = R.token_logprobs(logits, ids)   # with its autograd graph kept alive
+    ent = R.token_entropy(logits)
+else:  # the textbook way
+    full = torch.log_softmax(logits, -1)
+    logp = full.gather(-1, ids[..., None])[..., 0]
+    ent = -(full.exp() * full).sum(-1)
+print((peak() - base) / (logits.numel() * logits.element_size()))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss is in KB on Linux")
+def test_token_statistics_memory_against_the_naive_way():
+    """Peak memory on top of (4, 512, 151936) fp32 logits, each way in a fresh process."""
+    def extra(mode: str) -> float:
+        proc = subprocess.run([sys.executable, "-c", MEMORY_PROBE.format(here=str(HERE)), mode],
+                              capture_output=True, text=True, timeout=300, check=True)
+        return float(proc.stdout.strip().splitlines()[-1])
+
+    ours, naive = extra("ours"), extra("naive")
+    assert ours <= 0.3, f"token_logprobs + token_entropy added {ours:.2f}x the logits"
+    assert naive >= 1.5, f"the naive way added only {naive:.2f}x: the probe cannot tell them apart"
+
+
+def test_bf16_logprobs_match_fp32_in_value_and_gradient():
+    torch.manual_seed(0)
+    base = (torch.randn(3, 7, 1000) * 4).bfloat16()
+    ids = torch.randint(0, 1000, (3, 7))
+    weights = torch.randn(3, 7)
+    ours_in = base.clone().requires_grad_(True)
+    ours = R.token_logprobs(ours_in, ids, chunk_elems=3000)  # 3 positions per chunk
+    (ours * weights).sum().backward()
+    ref_in = base.clone().requires_grad_(True)
+    ref = torch.log_softmax(ref_in.float(), -1).gather(-1, ids[..., None])[..., 0]
+    (ref * weights).sum().backward()
+    assert ours.dtype == torch.float32
+    assert torch.allclose(ours, ref, atol=1e-5)
+    # bf16 gradients: the two routes round at different points, within one bf16 ulp (2**-8)
+    assert torch.allclose(ours_in.grad.float(), ref_in.grad.float(), rtol=2**-7, atol=1e-6)
+    # and a plain bf16 logsumexp is measurably worse: the reason for the fp32 fallback
+    plain = base.gather(-1, ids[..., None])[..., 0].float() - torch.logsumexp(base, -1).float()
+    assert (plain - ref).abs().max() > (ours - ref).abs().max()
+
+
+def test_fp32_logprob_gradient_matches_log_softmax():
+    torch.manual_seed(1)
+    base = torch.randn(2, 9, 50) * 3
+    ids, weights = torch.randint(0, 50, (2, 9)), torch.randn(2, 9)
+    a, b = base.clone().requires_grad_(True), base.clone().requires_grad_(True)
+    (R.token_logprobs(a, ids, chunk_elems=100) * weights).sum().backward()
+    (torch.log_softmax(b, -1).gather(-1, ids[..., None])[..., 0] * weights).sum().backward()
+    assert torch.allclose(a.grad, b.grad, atol=1e-6)
+
+
+def one_step_parameters(tmp_path: Path, monkeypatch, extra: list[str],
+                        checkpointing: bool = False) -> torch.Tensor:
+    """All parameters after one RL step of a float64 tiny model (independent of thread
+    scheduling noise at the 1e-7 level that fp32 would show)."""
+    tok = R.build_char_tokenizer()
+    model = R.build_tiny_model(tok, seed=0).double()
+    if checkpointing:
+        R.enable_gradient_checkpointing(model)
+        assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
+    # an untrained model is never right: a reward of the text's length parity gives mixed groups
+    monkeypatch.setattr(R, "reward_function", lambda *a, **k: lambda text, gold: float(len(text) % 2))
+    args = R.parse_args(["--preset", "tiny", "--steps", "1", "--prompts-per-step", "4",
+                         "--group-size", "4", "--max-new-tokens", "10", "--eval-k", "0",
+                         "--mini-batches", "1", "--lr", "1e-3", *extra])
+    args.device = torch.device("cpu")
+    R.set_seed(0)
+    tmp_path.mkdir()
+    R.train(args, model, tok, R.builtin_task(20, seed=0), R.builtin_task(4, seed=1), tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["grad_norm"] > 0  # the step did move the weights
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_micro_batched_step_equals_the_full_batch_step(tmp_path, monkeypatch):
+    full = one_step_parameters(tmp_path / "full", monkeypatch, ["--micro-batch-size", "0"])
+    micro = one_step_parameters(tmp_path / "micro", monkeypatch, ["--micro-batch-size", "3"])
+    assert (full - micro).abs().max() < 1e-6
+
+
+def test_gradient_checkpointing_gives_the_same_step(tmp_path, monkeypatch):
+    plain = one_step_parameters(tmp_path / "plain", monkeypatch, [])
+    ckpt = one_step_parameters(tmp_path / "ckpt", monkeypatch, [], checkpointing=True)
+    assert (plain - ckpt).abs().max() < 1e-6
+
+
+def test_profile_prints_every_phase(tmp_path, capsys):
+    R.main(["--preset", "tiny", "--out-dir", str(tmp_path / "p"), "--cache-dir",
+            str(tmp_path / "cache"), *SMALL, "--profile"])
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("[profile]")]
+    assert len(lines) == 3 + 1  # one per step and the summary
+    for phase in ("rollout", "reward", "old_logp", "loss_backward", "optimizer", "tok/s", "peak mem"):
+        assert phase in lines[-1]
+    row = json.loads((tmp_path / "p" / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["profile"]["rollout_s"] > 0 and row["profile"]["gen_tokens_per_s"] > 0
+
+
+# ----------------------------------------------------------------------------- analysis of [A]
+
+
+def hinge_curves(knee: int, seed: int, n: int = 200) -> tuple[list[float], list[float]]:
+    """Entropy falls and reward climbs linearly until `knee`, then both stay flat (+ noise)."""
+    rng = random.Random(seed)
+    entropy = [max(0.4, 1 - 0.6 * t / knee) + rng.gauss(0, 0.01) for t in range(n)]
+    reward = [min(0.6, 0.2 + 0.4 * t / knee) + rng.gauss(0, 0.03) for t in range(n)]
+    return entropy, reward
+
+
+@pytest.mark.parametrize("knee", [20, 40, 80])
+def test_stage_detector_finds_a_known_knee(knee):
+    for seed in range(3):
+        found = R.detect_plateau(*hinge_curves(knee, seed))  # window 10
+        assert found is not None and abs(found - knee) <= 7, (seed, found)
+
+
+def test_stage_detector_is_causal_and_waits_while_rising():
+    rising_h = [1 - 0.004 * t for t in range(100)]
+    rising_r = [0.2 + 0.004 * t for t in range(100)]
+    assert R.detect_plateau(rising_h, rising_r) is None
+    entropy, reward = hinge_curves(40, 0)
+    full = R.detect_plateau(entropy, reward)
+    # online: the first prefix with an answer gives the final answer, earlier ones give None
+    answers = [R.detect_plateau(entropy[:n], reward[:n]) for n in range(1, 120)]
+    first = next(i for i, a in enumerate(answers) if a is not None)
+    assert set(answers[first:]) == {full} and set(answers[:first]) == {None}
+
+
+def test_least_squares_slope_by_hand():
+    assert R.ls_slope([1.0, 3.0, 5.0]) == pytest.approx(2.0)
+    assert R.ls_slope([0.0, 1.0, 0.0, 1.0]) == pytest.approx(0.2)  # sum (x-1.5)(y-.5) / 5 = 1/5
+
+
+def test_position_deciles_against_a_naive_loop():
+    torch.manual_seed(0)
+    entropy = torch.rand(5, 13)
+    lengths = [13, 7, 1, 10, 3]
+    mask = torch.tensor([[1.0] * n + [0.0] * (13 - n) for n in lengths])
+    sums, counts = [0.0] * 10, [0] * 10
+    for i, n in enumerate(lengths):
+        for t in range(n):
+            b = min(9, int(10 * t / n))  # 10 * t / n < 10 always: the min is a guard
+            sums[b] += entropy[i, t].item()
+            counts[b] += 1
+    expected = [s / c if c else None for s, c in zip(sums, counts)]
+    got = R.entropy_by_position(entropy, mask)
+    for e, g in zip(expected, got):
+        assert (e is None and g is None) or g == pytest.approx(e)
+
+
+def test_high_entropy_tercile_shares_against_a_naive_loop():
+    torch.manual_seed(1)
+    entropy = torch.rand(6, 8)
+    mask = (torch.rand(6, 8) > 0.25).float()
+    mask[:, 0] = 1
+    log_ppl = torch.tensor([0.9, 0.1, 0.5, 0.3, 0.7, 0.2])
+    valid = sorted(entropy[i, t].item() for i in range(6) for t in range(8) if mask[i, t])
+    # torch.quantile's linear interpolation at q = 0.8, written out
+    pos = 0.8 * (len(valid) - 1)
+    lo = int(pos)
+    threshold = valid[lo] + (valid[min(lo + 1, len(valid) - 1)] - valid[lo]) * (pos - lo)
+    order = sorted(range(6), key=lambda i: log_ppl[i].item())  # 1, 5 | 3, 2 | 4, 0
+    tercile = {i: rank * 3 // 6 for rank, i in enumerate(order)}
+    counts = [0, 0, 0]
+    for i in range(6):
+        for t in range(8):
+            if mask[i, t] and entropy[i, t].item() >= threshold:
+                counts[tercile[i]] += 1
+    got = R.high_entropy_ppl_terciles(entropy, mask, log_ppl)
+    assert got == pytest.approx([c / sum(counts) for c in counts])
+    assert tercile[1] == 0 and tercile[0] == 2
+
+
+def test_pass_at_k_and_avg_at_k_by_hand():
+    assert R.pass_at_k(4, 0, 4) == 0.0
+    assert R.pass_at_k(4, 1, 4) == 1.0
+    assert R.pass_at_k(4, 1, 1) == pytest.approx(0.25)          # = c / n
+    assert R.pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)    # 1 - C(3,2)/C(5,2)
+    assert R.pass_at_k(10, 3, 5) == pytest.approx(1 - 21 / 252)  # 1 - C(7,5)/C(10,5)
+
+
+def test_sampled_evaluation_on_scripted_outcomes(monkeypatch, tiny):
+    model, tok = tiny
+    outcomes = [[1.0, 0.0, 0.0, 0.0], [0.0] * 4, [1.0] * 4]  # 3 problems, k = 4
+    monkeypatch.setattr(R, "eval_outcomes", lambda *a, **k: outcomes)
+    args = R.parse_args(["--preset", "tiny", "--eval-k", "4"])
+    avg, pas = R.evaluate_sampled(model, tok, [{}] * 3, args)
+    assert avg == pytest.approx((0.25 + 0 + 1) / 3)
+    assert pas == pytest.approx(2 / 3)
+
+
+def test_sampled_eval_leaves_the_training_rng_alone(tiny):
+    model, tok = tiny
+    args = R.parse_args(["--preset", "tiny", "--eval-k", "2", "--max-new-tokens", "4"])
+    problems = R.builtin_task(3, seed=1)
+    torch.manual_seed(0)
+    first = R.evaluate_sampled(model, tok, problems, args)
+    after = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(torch.rand(3), after)           # the global stream did not move
+    assert R.evaluate_sampled(model, tok, problems, args) == first  # and the score is seeded
+
+
+def test_new_views_are_logged_every_step(tmp_path):
+    out = tmp_path / "views"
+    summary = R.main(["--preset", "tiny", "--out-dir", str(out), "--cache-dir",
+                      str(tmp_path / "cache"), *SMALL])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        assert len(r["entropy_by_position"]) == 10
+        assert sum(r["high_entropy_ppl_terciles"]) == pytest.approx(1.0)
+        assert r["stage"] == "rising"  # 3 steps: too short for a 10-step slope
+    assert rows[0]["avg_at_k"] is not None and 0 <= rows[0]["avg_at_k"] <= rows[0]["pass_at_k"] <= 1
+    assert summary["final_pass_at_k"] >= summary["final_avg_at_k"]
+
+
+def test_shaping_from_the_detected_plateau(tmp_path, monkeypatch):
+    """Wiring: with a detector that fires at the 2nd step, shaping starts at the 3rd."""
+    monkeypatch.setattr(R, "detect_plateau", lambda h, r, *a: 0 if len(h) >= 2 else None)
+    out = tmp_path / "plateau"
+    R.main(["--preset", "tiny", "--method", "ppl", "--out-dir", str(out), "--cache-dir",
+            str(tmp_path / "cache"), *SMALL[:-4], "--steps", "4", "--shape-from", "plateau"])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in rows] == ["rising", "plateau", "plateau", "plateau"]
+    assert [r["shaping"] for r in rows] == [False, False, True, True]
+
+
+def test_plot_and_compare_end_to_end(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "cmp"
+    R.main(["compare", "--methods", "grpo,position", "--seeds", "1", "--out-dir", str(out),
+            "--preset", "tiny", "--cache-dir", str(tmp_path / "cache"), *SMALL])
+    table = (out / "compare.md").read_text()
+    assert "| grpo | 1 |" in table and "| position | 1 |" in table
+    assert (out / "compare.png").stat().st_size > 10_000
+    png = tmp_path / "two.png"
+    R.main(["plot", str(out / "grpo-seed0"), str(out / "position-seed0"), "-o", str(png)])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    with pytest.raises(SystemExit, match="not a run folder"):
+        R.main(["plot", str(tmp_path), "-o", str(png)])
+    with pytest.raises(SystemExit, match="unknown"):
+        R.main(["compare", "--methods", "grpo,nonsense"])
