@@ -415,8 +415,8 @@ def sequence_log_ppl(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float | None:
     """Mean of x over mask == 1, or None if the mask is empty (None is JSON-safe, NaN is not)."""
-    n = mask.sum()
-    return (x * mask).sum().item() / n.item() if n > 0 else None
+    n = mask.sum()  # where(), not x * mask: an inf outside the mask must not become NaN
+    return torch.where(mask > 0, x, 0).sum().item() / n.item() if n > 0 else None
 
 
 # =========================================================================================
@@ -609,20 +609,39 @@ def autocast_ctx(device: torch.device, bf16: bool):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
 
 
+def length_grouped(rows: torch.Tensor, lengths: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """Split row indices into micro-batches of `size` rows of similar response length,
+    longest first. Each micro-batch is then cut to its own longest response (see
+    trimmed_rows): the batch is padded to its single longest response, and every padded
+    position costs a full forward and backward. Gradient accumulation makes the update
+    independent of how rows are grouped."""
+    return list(rows[lengths[rows].argsort(descending=True, stable=True)].split(size))
+
+
+def trimmed_rows(rollout: dict, idx: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and attention_mask of rows `idx`, cut after `length` completion tokens.
+    Exact: the cut positions are padding after EOS, and a causal model never looks ahead."""
+    end = rollout["input_ids"].shape[1] - rollout["completion_ids"].shape[1] + length
+    return rollout["input_ids"][idx, :end], rollout["attention_mask"][idx, :end]
+
+
 @torch.no_grad()
 def old_policy_stats(model, rollout: dict, temperature: float, micro_batch_size: int,
                      bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs and entropy of every completion token under the sampling policy, computed
-    in micro-batches without a graph: (B, T), (B, T)."""
-    ids, attn, comp = rollout["input_ids"], rollout["attention_mask"], rollout["completion_ids"]
-    logps, ents = [], []
-    for i in range(0, ids.shape[0], micro_batch_size):
-        with autocast_ctx(ids.device, bf16):
-            logits = completion_logits(model, ids[i:i + micro_batch_size],
-                                       attn[i:i + micro_batch_size], comp.shape[1], temperature)
-        logps.append(token_logprobs(logits, comp[i:i + micro_batch_size]))  # already / T
-        ents.append(token_entropy(logits))
-    return torch.cat(logps), torch.cat(ents)
+    in length-grouped micro-batches without a graph: (B, T), (B, T); 0 after each EOS."""
+    comp, mask = rollout["completion_ids"], rollout["completion_mask"]
+    lengths = mask.sum(1).long()
+    logps = ents = None
+    for idx in length_grouped(torch.arange(len(comp), device=comp.device), lengths, micro_batch_size):
+        n = int(lengths[idx].max())
+        with autocast_ctx(comp.device, bf16):
+            logits = completion_logits(model, *trimmed_rows(rollout, idx, n), n, temperature)
+        lp, h = token_logprobs(logits, comp[idx, :n]), token_entropy(logits)  # logits are / T
+        if logps is None:
+            logps, ents = lp.new_zeros(mask.shape), h.new_zeros(mask.shape)
+        logps[idx, :n], ents[idx, :n] = lp, h
+    return logps, ents
 
 
 def shaping_active(method: str, step: int, shape_from: int, shape_until: int) -> bool:
@@ -764,7 +783,7 @@ def train(args: argparse.Namespace, model, tokenizer, train_set: list[dict],
         # ---- 5. policy update: updates_per_batch passes over shuffled mini-batches
         stats = {"loss": 0.0, "clip_frac_low": 0.0, "clip_frac_high": 0.0, "approx_kl": 0.0}
         grad_norms, n_updates = [], 0
-        B = mask.shape[0]
+        B, lengths = mask.shape[0], mask.sum(1).long()
         model.train()
         phase["optimizer"] = 0.0
         for _ in range(args.updates_per_batch if rewards_ok else 0):
@@ -772,25 +791,27 @@ def train(args: argparse.Namespace, model, tokenizer, train_set: list[dict],
                 n_tokens, n_seqs = mask[mb].sum(), float(len(mb))
                 optimizer.zero_grad(set_to_none=True)
                 mb_loss, finite = 0.0, True
-                for idx in mb.split(micro):  # gradient accumulation over micro-batches
+                # gradient accumulation over micro-batches of similar length, each cut to
+                # its longest response (n): the tensors below are all [idx, :n]
+                for idx in length_grouped(mb, lengths, micro):
+                    n = int(lengths[idx].max())
                     with autocast_ctx(device, args.bf16):
-                        logits = completion_logits(model, rollout["input_ids"][idx],
-                                                   rollout["attention_mask"][idx], mask.shape[1],
+                        logits = completion_logits(model, *trimmed_rows(rollout, idx, n), n,
                                                    args.temperature)
-                    logp = token_logprobs(logits, rollout["completion_ids"][idx])
-                    tok_loss, ratio = clipped_token_loss(logp, old_logp[idx], advantages[idx],
+                    logp = token_logprobs(logits, rollout["completion_ids"][idx, :n])
+                    adv, m = advantages[idx, :n], mask[idx, :n]
+                    tok_loss, ratio = clipped_token_loss(logp, old_logp[idx, :n], adv,
                                                          args.clip_low, args.clip_high)
-                    loss = aggregate_loss(tok_loss * token_weights[idx], mask[idx], args.loss_agg,
+                    loss = aggregate_loss(tok_loss * token_weights[idx, :n], m, args.loss_agg,
                                           n_tokens, n_seqs)
                     if not torch.isfinite(loss):
                         finite = False
                         break
                     loss.backward()
                     mb_loss += loss.item()
-                    share = mask[idx].sum().item() / max(n_tokens.item(), 1) / (
+                    share = m.sum().item() / max(n_tokens.item(), 1) / (
                         args.updates_per_batch * args.mini_batches)
-                    for key, v in clip_stats(ratio, advantages[idx], mask[idx],
-                                             args.clip_low, args.clip_high).items():
+                    for key, v in clip_stats(ratio, adv, m, args.clip_low, args.clip_high).items():
                         stats[key] += v * share
                 if not finite:  # skip this update rather than write NaNs into the weights
                     nonfinite_skips += 1
@@ -926,7 +947,7 @@ def evaluate_greedy(model, tokenizer, problems: list[dict], args: argparse.Names
 @torch.no_grad()
 def eval_outcomes(model, tokenizer, problems: list[dict], args: argparse.Namespace, k: int,
                   greedy: bool = False, temperature: float = 1.0, top_p: float = 1.0) -> list[list[float]]:
-    """Rewards of k responses to each held-out problem: one list of k per problem."""
+    """1.0 / 0.0 (solved or not) for k responses to each held-out problem: k per problem."""
     device = next(model.parameters()).device
     eos_ids = eos_token_ids(model, tokenizer)
     reward_fn = reward_function(args.reward, args.last_number_fallback)
@@ -939,7 +960,8 @@ def eval_outcomes(model, tokenizer, problems: list[dict], args: argparse.Namespa
             rollout = generate_rollouts(model, tokenizer, prompts, k, args.max_new_tokens,
                                         temperature, top_p, greedy=greedy, eos_token_ids=eos_ids)
         texts = decode_completions(tokenizer, rollout)
-        outcomes += [[reward_fn(texts[j * k + g], p["answer"]) for g in range(k)]
+        # solved = reward above 0.5 (a NaN from a broken reward counts as unsolved)
+        outcomes += [[float(reward_fn(texts[j * k + g], p["answer"]) > 0.5) for g in range(k)]
                      for j, p in enumerate(chunk)]
     return outcomes
 
@@ -1321,6 +1343,10 @@ def plot_runs(run_dirs: list[Path], out_path: Path, smooth: int = 5) -> Path:
         if run["stage_step"] is not None:
             for a in (ax[0, 0], ax[0, 1], ax[1, 0]):
                 a.axvline(run["stage_step"], c=c, ls=":", lw=1)
+        if method in ("ppl", "position") and label and not run["args"].get("shape_from_plateau"):
+            lo, hi = run["args"].get("shape_from"), run["args"].get("shape_until")
+            if lo is not None and hi is not None and lo < hi:  # the shaping window of [A]
+                ax[0, 1].axvspan(lo, hi, color=c, alpha=0.08, lw=0)
         n = max(1, len(rows) // 10)  # first and last 10% of the steps
         for part, ls, name in ((rows[:n], "--", "early"), (rows[-n:], "-", "late")):
             profile = []
@@ -1332,7 +1358,7 @@ def plot_runs(run_dirs: list[Path], out_path: Path, smooth: int = 5) -> Path:
                           label=label and f"{label}: {name} ({'first' if name == 'early' else 'last'}"
                                           f" {n} steps)")
     titles = [(f"reward ({smooth}-step mean) and held-out accuracy; dotted: plateau starts", "step"),
-              (f"token entropy ({smooth}-step mean)", "step"),
+              (f"token entropy ({smooth}-step mean); shaded: shaping window", "step"),
               ("entropy of positive vs negative responses", "step"),
               ("entropy by relative position in the response", "position (% of response)")]
     for a, (title, xlabel) in zip(ax.flat, titles):
@@ -1405,6 +1431,9 @@ def compare(argv: list[str]) -> str:
     blocked = {"--method", "--seed", "--out-dir", "--resume"} & {f.split("=")[0] for f in train_flags}
     if blocked:
         raise SystemExit(f"error: compare sets {', '.join(sorted(blocked))} itself")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     args = parse_args(train_flags)  # validate the shared flags once, before any run starts
     check_args(args)
     if args.model == "tiny":  # warm up once here, so parallel runs do not all do it
@@ -1477,7 +1506,7 @@ PRESETS = {
     "tiny": {"model": "tiny", "dataset": "builtin", "steps": 150, "prompts_per_step": 32,
              "group_size": 8, "max_new_tokens": 48, "temperature": 1.0, "top_p": 1.0,
              "lr": 2e-4, "lr_warmup_steps": 0, "weight_decay": 0.0, "updates_per_batch": 1,
-             "mini_batches": 2, "micro_batch_size": 0, "eval_every": 10, "eval_size": 500,
+             "mini_batches": 2, "micro_batch_size": 64, "eval_every": 10, "eval_size": 500,
              "train_size": 5000, "instruction": ""},
     "gsm8k": {"model": "Qwen/Qwen2.5-0.5B-Instruct", "dataset": "gsm8k", "steps": 300,
               "prompts_per_step": 16, "group_size": 8, "max_new_tokens": 512,
