@@ -1061,8 +1061,8 @@ def entropy_by_position(entropy: torch.Tensor, mask: torch.Tensor, bins: int = 1
 
 def format_profile(step: int | str, profile: dict) -> str:
     """One line of --profile output: seconds per phase, tokens/s and peak memory."""
-    phases = " ".join(f"{k[:-2]} {v:.3f}s" for k, v in profile.items()
-                      if k not in ("gen_tokens_per_s", "peak_mem_mb"))
+    order = ("eval_s", "rollout_s", "reward_s", "old_logp_s", "loss_backward_s", "optimizer_s")
+    phases = " ".join(f"{k[:-2]} {profile[k]:.3f}s" for k in order if k in profile)
     mem = profile.get("peak_mem_mb")
     return (f"[profile] step {step}: {phases} | {profile['gen_tokens_per_s']:.0f} tok/s | "
             f"peak mem {'n/a' if mem is None else f'{mem:.0f} MB'}")
