@@ -1422,6 +1422,7 @@ def compare(argv: list[str]) -> str:
                    help="runs at the same time; with more than 1 each run uses "
                         "cpu_count/jobs threads (--threads), which changes its numbers slightly")
     opts, train_flags = p.parse_known_args(argv)
+    start = time.time()  # the whole command, warm-up included
     methods = [m.strip() for m in opts.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
@@ -1446,7 +1447,6 @@ def compare(argv: list[str]) -> str:
     from tqdm import tqdm
 
     bar = tqdm(total=len(todo), desc="compare", dynamic_ncols=True)
-    start = time.time()
     while todo or running:
         while todo and len(running) < opts.jobs:
             method, seed = todo.pop(0)
