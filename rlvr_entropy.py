@@ -13,11 +13,15 @@ advantage-shaping methods of
 
 Read it top to bottom. The core path is sections 1-7:
 data -> reward -> rollout -> log-probs -> advantages -> loss -> step.
-Sections 8-11 cover evaluation, the built-in tiny model with its warm-up, checkpoints
-and resume, and the command line.
+Sections 8-13 cover evaluation (greedy, avg@k, pass@k), the live entropy analysis of [A]
+(training stages, positive vs negative samples, perplexity and position views), the
+built-in tiny model with its warm-up, checkpoints and resume, plots and method
+comparison, and the command line.
 
     python rlvr_entropy.py --method ppl                 # tiny preset on CPU, a few minutes
     python rlvr_entropy.py --preset gsm8k --method ppl  # Qwen2.5-0.5B-Instruct on GSM8K, one GPU
+    python rlvr_entropy.py compare --methods grpo,ppl,position --seeds 3 --jobs 2
+    python rlvr_entropy.py plot runs/tiny-grpo-seed0 runs/tiny-ppl-seed0 -o fig.png
 
 Every function takes tensors and plain values and returns tensors, so you can copy any of
 them into your own trainer. Shapes: B = responses in a batch (= prompts x G), G = group
@@ -1521,6 +1525,8 @@ PRESETS = {
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="GRPO with entropy analysis and the advantage shaping of Deng et al. 2025.",
+        epilog="Subcommands: 'rlvr_entropy.py plot RUN_DIR ... -o fig.png' and "
+               "'rlvr_entropy.py compare --methods grpo,ppl --seeds 3' (each has --help).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--method", default="grpo", choices=METHODS,
