@@ -726,7 +726,7 @@ def train(args: argparse.Namespace, model, tokenizer, train_set: list[dict],
                initial=first_step, total=args.steps)
     for step in bar:
         t0, phase = time.time(), {}
-        if args.profile and device.type == "cuda":
+        if device.type == "cuda":  # peak_mem_mb is this step's peak, printed or not
             torch.cuda.reset_peak_memory_stats(device)
         # ---- evaluation of the policy that is about to sample this step's batch
         tic = now()
@@ -1237,19 +1237,22 @@ def find_checkpoint(out_dir: Path) -> Path | None:
     return None
 
 
+def read_metrics(metrics_path: Path) -> list[dict]:
+    """The complete rows of a metrics.jsonl, in order: a run killed mid-write leaves a
+    cut-off last line, which is dropped."""
+    rows = []
+    for line in metrics_path.read_text().splitlines() if metrics_path.exists() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows
+
+
 def truncate_metrics(metrics_path: Path, first_step: int) -> list[dict]:
     """Keep the rows of steps before `first_step` (a killed run may have written later
     ones, and a cut-off last line), rewrite the file with them, and return them."""
-    rows = []
-    if metrics_path.exists():
-        for line in metrics_path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                break
-            if row["step"] >= first_step:
-                break
-            rows.append(row)
+    rows = [r for r in read_metrics(metrics_path) if r["step"] < first_step]
     metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return rows
 
@@ -1282,12 +1285,7 @@ def read_run(run_dir: Path) -> dict:
     metrics = run_dir / "metrics.jsonl"
     if not metrics.exists():
         raise SystemExit(f"error: {run_dir} is not a run folder (no metrics.jsonl)")
-    rows = []
-    for line in metrics.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a run killed mid-write: keep the complete rows
-            break
+    rows = read_metrics(metrics)
     if not rows:
         raise SystemExit(f"error: {metrics} has no complete rows yet")
     args = json.loads((run_dir / "args.json").read_text()) if (run_dir / "args.json").exists() else {}
@@ -1296,8 +1294,7 @@ def read_run(run_dir: Path) -> dict:
                            args.get("stage_window", 10), args.get("stage_frac", 0.25),
                            args.get("stage_patience", 5))
     return {"dir": run_dir, "args": args, "rows": rows, "stage_step": stage,
-            "summary": json.loads(summary.read_text()) if summary.exists() else None,
-            "label": f"{args.get('method', run_dir.name)} seed {args.get('seed', '?')}"}
+            "summary": json.loads(summary.read_text()) if summary.exists() else None}
 
 
 def moving_average(values: list[float | None], window: int = 5) -> list[float | None]:
