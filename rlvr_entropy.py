@@ -1119,11 +1119,24 @@ def build_tiny_model(tokenizer, seed: int):
     return Qwen2ForCausalLM(config)
 
 
+def forget_last_step(solution: str) -> str:
+    """The worked solution of a student who forgets the last operation.
+
+    "7-1=6 6+9=15 15-7=8 #### 8" -> "7-1=6 6+9=15 #### 15". Planted in the warm-up by
+    --warmup-mistake-rate, it gives the tiny model a confident, systematic mistake.
+    """
+    steps = solution.rpartition(" #### ")[0].split(" ")
+    value = re.match(r"[0-9]+", steps[-1]).group()  # the running value before the last step
+    return " ".join(steps[:-1] + [f"#### {value}"])
+
+
 def supervised_warmup(model, tokenizer, problems: list[dict], steps: int, batch_size: int,
-                      lr: float, seed: int, show_work: float = 1.0) -> list[float]:
+                      lr: float, seed: int, show_work: float = 1.0,
+                      mistake_rate: float = 0.0) -> list[float]:
     """Teacher-forced cross-entropy on prompt -> solution + EOS (prompt tokens masked out
     of the loss). A fraction `show_work` of the targets is the worked solution; the rest
-    is the bare answer '#### N'. Returns the loss per step."""
+    is the bare answer '#### N'. A fraction `mistake_rate` of them forgets the last
+    operation (`forget_last_step`), worked or bare. Returns the loss per step."""
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     # Cosine decay to 10%: without it the accuracy the warm-up ends on swings by tens of
@@ -1136,8 +1149,12 @@ def supervised_warmup(model, tokenizer, problems: list[dict], steps: int, batch_
         batch = rng.sample(problems, batch_size)
         prompt_ids = [tokenizer(build_prompt(tokenizer, p["question"]), add_special_tokens=False).input_ids
                       for p in batch]
-        targets = [p["solution"] if rng.random() < show_work else f"#### {p['answer']}"
-                   for p in batch]
+        solutions = [p["solution"] for p in batch]
+        if mistake_rate > 0:  # draw only when asked, so the default warm-up is unchanged
+            solutions = [forget_last_step(x) if rng.random() < mistake_rate else x
+                         for x in solutions]
+        targets = [x if rng.random() < show_work else "#### " + x.rpartition("#### ")[2]
+                   for x in solutions]
         target_ids = [tokenizer(t, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
                       for t in targets]
         width = max(len(a) + len(b) for a, b in zip(prompt_ids, target_ids))
@@ -1165,7 +1182,7 @@ def tiny_warm_model(args: argparse.Namespace, train_set: list[dict]):
 
     tokenizer = build_char_tokenizer()
     key = json.dumps({"model": TINY_MODEL, "steps": args.warmup_steps, "lr": args.warmup_lr,
-                      "show_work": args.warmup_show_work,
+                      "show_work": args.warmup_show_work, "mistakes": args.warmup_mistake_rate,
                       "batch": args.warmup_batch_size, "seed": args.warmup_seed,
                       "data": [train_set[0], len(train_set)], "v": 1}, sort_keys=True)
     folder = Path(args.cache_dir) / f"tiny-warmup-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
@@ -1175,7 +1192,7 @@ def tiny_warm_model(args: argparse.Namespace, train_set: list[dict]):
         model = build_tiny_model(tokenizer, args.warmup_seed)
         losses = supervised_warmup(model, tokenizer, train_set, args.warmup_steps,
                                    args.warmup_batch_size, args.warmup_lr, args.warmup_seed,
-                                   args.warmup_show_work)
+                                   args.warmup_show_work, args.warmup_mistake_rate)
         print(f"warm-up: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
         tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
         model.save_pretrained(tmp)
@@ -1637,6 +1654,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "of a paper start from one base checkpoint")
     g.add_argument("--warmup-show-work", type=float, default=0.3,
                    help="fraction of warm-up targets that show their work (the rest: '#### N')")
+    g.add_argument("--warmup-mistake-rate", type=float, default=0.0,
+                   help="fraction of warm-up targets that forget the last operation: a "
+                        "confident, systematic mistake for RL to unlearn (see the README, [B])")
     g.add_argument("--cache-dir", default=os.path.join(Path.home(), ".cache", "rlvr_entropy"),
                    help="where the warmed-up tiny model is cached")
     args = p.parse_args(argv)
@@ -1688,6 +1708,8 @@ def check_args(args: argparse.Namespace) -> None:
         (args.save_every >= 0, "--save-every must be 0 or more"),
         (args.clip_low >= 0 and args.clip_high >= 0, "clip ranges must be non-negative"),
         (args.lambda_epochs is None or args.lambda_epochs >= 2, "--lambda-epochs must be at least 2"),
+        (0 <= args.warmup_show_work <= 1 and 0 <= args.warmup_mistake_rate <= 1,
+         "--warmup-show-work and --warmup-mistake-rate must be in [0, 1]"),
         (args.model != "tiny" or args.dataset == "builtin",
          "the tiny model only knows the built-in task; use --dataset builtin or pass --model"),
     ]

@@ -135,6 +135,41 @@ def test_builtin_task_is_correct_and_splits_are_disjoint():
             assert 0 <= int(rhs) <= 19
 
 
+def test_forget_last_step_drops_the_last_operation():
+    assert R.forget_last_step("7-1=6 6+9=15 15-7=8 #### 8") == "7-1=6 6+9=15 #### 15"
+    for p in R.builtin_task(200, seed=3):
+        sloppy = R.forget_last_step(p["solution"])
+        question = p["question"]
+        cut = max(question.rfind("+"), question.rfind("-"))  # the last operator
+        assert R.math_reward(sloppy, str(solve_left_to_right(question[:cut]))) == 1.0
+        assert sloppy.split(" #### ")[0] == " ".join(p["solution"].split(" #### ")[0].split()[:-1])
+
+
+@pytest.mark.parametrize("rate,show_work", [(1.0, 1.0), (1.0, 0.0), (0.0, 1.0)])
+def test_warmup_targets_carry_the_planted_mistake(rate, show_work):
+    tok = R.build_char_tokenizer()
+    problems = R.builtin_task(40, seed=5)
+    seen = []
+
+    class Recording:  # the real tokenizer, recording every text it encodes
+        def __getattr__(self, name):
+            return getattr(tok, name)
+
+        def __call__(self, text, **kw):
+            seen.append(text)
+            return tok(text, **kw)
+
+    R.supervised_warmup(R.build_tiny_model(tok, 0), Recording(), problems, steps=2,
+                        batch_size=4, lr=1e-3, seed=0, show_work=show_work, mistake_rate=rate)
+    targets = [t for t in seen if "####" in t]
+    assert len(targets) == 8
+    right = {p["solution"] if show_work else "#### " + p["answer"] for p in problems}
+    wrong = {R.forget_last_step(p["solution"]) for p in problems}
+    if not show_work:
+        wrong = {"#### " + w.rpartition("#### ")[2] for w in wrong}
+    assert set(targets) <= (wrong if rate else right)
+
+
 def test_gold_answer_after_hashes():
     assert R.gold_answer("Natalia sold 48/2 = 24 clips.\n#### 72") == "72"
     assert R.gold_answer("5") == "5"
@@ -438,6 +473,7 @@ def test_nonfinite_loss_skips_the_update(tmp_path, monkeypatch):
     (["--dataset", "missing.jsonl", "--model", "tiny"], "tiny model only knows the built-in task"),
     (["--dataset", "missing.jsonl", "--model", "x"], "does not exist"),
     (["--model", "/no/such/model/folder", "--dataset", "builtin"], "could not load model"),
+    (["--warmup-mistake-rate", "1.5"], "--warmup-mistake-rate must be in [0, 1]"),
 ])
 def test_bad_input_is_one_clear_sentence_and_writes_nothing(tmp_path, argv, message):
     out = tmp_path / "out"
