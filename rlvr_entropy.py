@@ -1153,8 +1153,7 @@ def supervised_warmup(model, tokenizer, problems: list[dict], steps: int, batch_
         if mistake_rate > 0:  # draw only when asked, so the default warm-up is unchanged
             solutions = [forget_last_step(x) if rng.random() < mistake_rate else x
                          for x in solutions]
-        targets = [x if rng.random() < show_work else "#### " + x.rpartition("#### ")[2]
-                   for x in solutions]
+        targets = [x if rng.random() < show_work else f"#### {gold_answer(x)}" for x in solutions]
         target_ids = [tokenizer(t, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
                       for t in targets]
         width = max(len(a) + len(b) for a, b in zip(prompt_ids, target_ids))
