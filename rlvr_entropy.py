@@ -151,34 +151,53 @@ def build_prompt(tokenizer, question: str, instruction: str = "") -> str:
 
 # =========================================================================================
 # 2. Verifiable reward
-# r = 1 if the final answer in the response equals the gold answer, else 0. The answer is
-# read from '#### x' (GSM8K's convention) first, then from the last '\boxed{x}'. We do not
-# fall back to "the last number in the text" unless asked (--last-number-fallback): that
-# fallback rewards a response that merely mentions the right number on the way to a wrong
-# one, and learning to state the answer is part of the task. Answers are compared as exact
-# rationals (18 = 18.00 = $18, 1,234 = 1234, 3/4 = 0.75, -3 = −3); anything that is not a
-# plain number is compared as a normalised string. The model's text is never evaluated.
-# Every regex below has no nested quantifiers, so each runs in linear time on any input.
+# r = 1 if the final answer in the response equals the gold answer, else 0. The final
+# answer is the *last* final-answer marker in the response, as a careful human grader
+# reads it (a later marker is a self-correction):
+#   \boxed{x}                       the box's content (LaTeX's habit, and Qwen's prompt)
+#   #### x                          GSM8K's convention, when x is a number: a line such as
+#                                   '#### Step 2: ...' is a markdown heading, not an answer
+#   'the answer is x', 'Final Answer: x'   an explicit phrase followed by a number
+# We do not fall back to "the last number in the text" unless asked (--last-number-fallback):
+# that rewards a response that merely mentions the right number on the way to a wrong one.
+# The answer is then normalised as a grader would read it: units and words after the
+# number, '%', degrees, '$', wrappers like 'x = 18' or '(18)', the last right-hand side of
+# an equation, LaTeX fractions (mixed numbers too) and thousands separators. Numbers are
+# compared as exact rationals; anything else as a normalised string. The model's text is
+# never evaluated. Every regex has no nested quantifiers and every scan is a bounded or
+# single pass, so grading is linear-time on any input.
 # =========================================================================================
 
 _NUMBER = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:/[0-9]+)?")
 _LAST_NUMBER = re.compile(r"-?[0-9][0-9,]*(?:\.[0-9]+)?")
-_THOUSANDS_COMMA = re.compile(r"(?<=[0-9]),(?=[0-9]{3}(?![0-9]))")
-_FRAC = re.compile(r"\\[dt]?frac\{(-?[0-9]+)\}\{(-?[0-9]+)\}")
-_TEXT = re.compile(r"\\(?:text|mathrm|textbf)\{([^{}]*)\}")
-MAX_NUMBER_CHARS = 64  # longer "numbers" are compared as strings (no huge-int parsing)
+_THOUSANDS = re.compile(r"(?<=[0-9])(?:,|\{,\}|\\,)(?=[0-9]{3}(?![0-9]))")
+_TEXT = re.compile(r"\\(?:text|textrm|textbf|textit|mathrm|mathbf|mbox|operatorname) ?\{([^{}]*)\}")
+_FRAC = re.compile(r"\\[dt]?frac")
+_MIXED_WHOLE = re.compile(r"(?<![0-9.])(-?)([0-9]+) ?$")  # the whole part just before a fraction
+_UNITS = re.compile(r"[a-z .'/()-]*(?:\^\{?[23]\}?|[\u00b2\u00b3])?[a-z .'/()-]*")
+_SPACE_NOT_BETWEEN_DIGITS = re.compile(r"(?<![0-9]) | (?![0-9])")
+_PHRASE = re.compile(r"[*_ \t]{0,4}(?:(?:is|was|would be|will be|should be|equals)\b|[:=])?"
+                     r"[*_ \t:]{0,6}(?:(?:therefore|thus|then|so|simply|just|clearly|indeed)"
+                     r"[ \t,]{1,3})?")
+_LATEX_SPACE = ("\\left", "\\right", "\\displaystyle", "\\!", "\\,", "\\;", "\\:", "\\ ",
+                "\\quad", "\\qquad", "~", "\\(", "\\)", "\\[", "\\]", "**", "__")
+_LATEX_DROP = ("^{\\circ}", "^\\circ", "\\circ", "\\degree", "\u00b0", "\\%", "%", "\\$", "$")
+MAX_ANSWER_CHARS = 256  # a longer "answer" is spam: compared as raw text, never parsed
+MAX_BOX_CHARS = 4096    # a \boxed{} still open after this many characters is spam
+MAX_NUMBER_CHARS = 64   # longer "numbers" are compared as strings (no huge-int parsing)
+MARKERS_TRIED = 20      # how many earlier '####' lines / answer phrases a grader looks back
 
 
 def _braced(text: str, start: int) -> str | None:
     """Content of the {...} group that opens at or after `start` (spaces allowed), or None
-    if the braces never close. One forward scan, so it is linear-time."""
+    if the braces do not close within MAX_BOX_CHARS (cut off, or spam). One bounded scan."""
     i = start
     while i < len(text) and text[i] == " ":
         i += 1
     if i >= len(text) or text[i] != "{":
         return None
     depth = 0
-    for j in range(i, len(text)):
+    for j in range(i, min(len(text), i + MAX_BOX_CHARS)):
         if text[j] == "{":
             depth += 1
         elif text[j] == "}":
@@ -188,19 +207,80 @@ def _braced(text: str, start: int) -> str | None:
     return None
 
 
+def _last_box(text: str) -> tuple[int, str | None]:
+    """(position, content) of the last \\boxed{} or \\fbox{}; content None if it never
+    closes (a truncated response); position -1 if there is none."""
+    k = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if k < 0:
+        return -1, None
+    return k, _braced(text, k + (6 if text.startswith("\\boxed", k) else 5))
+
+
+def _last_hash_answer(text: str) -> tuple[int, str | None, str | None]:
+    """(position, numeric answer, heading text) from the '####' lines, last line first.
+    The first '####' line whose text reads as a number is the answer; the text of the very
+    last '####' line is kept as well, for a text answer ('#### Yes') when nothing else is
+    found. Looks back at most MARKERS_TRIED lines, each by rfind: linear-time."""
+    end, heading = len(text), None
+    for _ in range(MARKERS_TRIED):
+        k = text.rfind("####", 0, end)
+        if k < 0:
+            break
+        line_end = text.find("\n", k)
+        line = text[k + 4:line_end if line_end >= 0 else len(text)].strip()
+        if line and parse_number(normalize_answer(line)) is not None:
+            return k, line, heading
+        heading = heading if heading is not None else (line or None)
+        end = text.rfind("\n", 0, k) + 1  # the earlier lines; 0 ends the loop next time
+        if end == 0:
+            break
+    return -1, None, heading
+
+
+def _last_phrase_answer(text: str) -> tuple[int, str | None]:
+    """(position, answer) of the last 'the answer is x' / 'Final Answer: x' whose x reads
+    as a number. x runs to the end of its sentence; after 'final answer' at the end of a
+    line (a heading) it is the next line."""
+    low, end = text.lower(), len(text)
+    for _ in range(MARKERS_TRIED):
+        k = low.rfind("answer", 0, end)
+        if k < 0:
+            break
+        end = k
+        if k > 0 and low[k - 1].isalnum():  # 'reanswer', 'answers' are not the phrase
+            continue
+        final = low[max(0, k - 8):k].rstrip(" *_").endswith("final")
+        tail = _PHRASE.match(text, k + 6, k + 6 + 40)
+        joined = tail.end() > k + 6 and re.search(r"[a-z:=]", low[k + 6:tail.end()])
+        if not (final or joined):  # 'the answer 18' without 'is' or ':' is not a statement
+            continue
+        rest = text[tail.end():tail.end() + MAX_ANSWER_CHARS]
+        if final and rest.lstrip(" \t*_:").startswith("\n"):  # '### Final Answer' heading
+            rest = rest.lstrip(" \t*_:\n")
+        rest = rest.split("\n", 1)[0]
+        stop = re.search(r"[.,;!?](?:\s|$)", rest)  # the sentence ends; '18.5' does not
+        answer = rest[:stop.start()] if stop else rest
+        if parse_number(normalize_answer(answer)) is not None:
+            return k, answer
+    return -1, None
+
+
 def extract_answer(text: str, last_number_fallback: bool = False) -> str | None:
-    """Final answer of a response: after the last '####', else inside the last
-    '\\boxed{...}', else (only if asked) the last number in the text. None if absent."""
-    _, sep, tail = text.rpartition("####")
-    if sep:
-        line = tail.split("\n", 1)[0].strip()  # the rest of the '####' line
-        if line:
-            return line
-    k = text.rfind("\\boxed")
-    if k >= 0:
-        inner = _braced(text, k + len("\\boxed"))
-        if inner is not None:
-            return inner
+    """Final answer of a response: the content of the last final-answer marker (a
+    \\boxed{}, a '####' line that reads as a number, or an answer phrase), as raw text.
+    A last box that never closes means the response was cut off: no answer. A '####'
+    line that is not a number ('#### Yes') counts only when no other marker exists. With
+    last_number_fallback, the last number in the text when there is no marker at all.
+    None if there is no answer."""
+    box_at, box = _last_box(text)
+    hash_at, hash_answer, heading = _last_hash_answer(text)
+    phrase_at, phrase = _last_phrase_answer(text)
+    at, answer = max((box_at, box), (hash_at, hash_answer), (phrase_at, phrase),
+                     key=lambda c: c[0])
+    if at >= 0:
+        return answer  # None if the last box is unclosed
+    if heading is not None:
+        return heading
     if last_number_fallback:
         last = None
         for last in _LAST_NUMBER.finditer(text):
@@ -209,16 +289,78 @@ def extract_answer(text: str, last_number_fallback: bool = False) -> str | None:
     return None
 
 
+def _strip_wrappers(s: str) -> str:
+    """'(18)', '{18}', '[18]' -> '18', repeatedly, only when the pair encloses everything."""
+    pairs = {"(": ")", "{": "}", "[": "]"}
+    while len(s) >= 2 and pairs.get(s[0]) == s[-1]:
+        depth = 0
+        for i, ch in enumerate(s):
+            depth += (ch == s[0]) - (ch == s[-1])
+            if depth == 0 and i < len(s) - 1:
+                return s  # '(1)+(2)': the first pair closes early
+        s = s[1:-1].strip()
+    return s
+
+
+def _latex_fractions(s: str) -> str:
+    """'\\frac{3}{4}', '\\dfrac34' -> '3/4'; a mixed number '2\\frac{1}{2}' -> '5/2'.
+    A fraction whose parts are not plain numbers is left as it is."""
+    out, pos = [], 0
+    for m in _FRAC.finditer(s):
+        if m.start() < pos:
+            continue
+        parts, j = [], m.end()
+        while len(parts) < 2 and j < len(s):
+            if s[j] == " ":
+                j += 1
+            elif s[j] == "{":
+                close = s.find("}", j)
+                if close < 0:
+                    break
+                parts.append(s[j + 1:close].strip())
+                j = close + 1
+            else:
+                parts.append(s[j])
+                j += 1
+        if len(parts) < 2 or not all(_NUMBER.fullmatch(p) and "/" not in p for p in parts) \
+                or Fraction(parts[1]) == 0:
+            continue
+        value, head = Fraction(parts[0]) / Fraction(parts[1]), s[pos:m.start()]
+        whole = _MIXED_WHOLE.search(head) if value >= 0 else None
+        if whole:
+            value += int(whole.group(2))
+            value, head = (-value if whole.group(1) else value), head[:whole.start()]
+        out += [head, str(value)]  # Fraction prints '5/2', or '3' when whole
+        pos = j
+    return "".join(out) + s[pos:]
+
+
 def normalize_answer(s: str) -> str:
-    """Canonical string form: NFKC (full-width digits -> ASCII), unicode minus -> '-',
-    LaTeX decoration, '$', spaces, markdown bold, trailing '.', and thousands commas removed."""
-    s = unicodedata.normalize("NFKC", s).replace("\u2212", "-").replace("\u2013", "-")
-    s = _TEXT.sub(r"\1", s)
-    s = _FRAC.sub(r"\1/\2", s)
-    for junk in ("\\left", "\\right", "\\!", "\\,", "\\;", "\\ ", "\\$", "$", "**", " "):
+    """Canonical form of an answer, as a careful grader reads it:
+    NFKC (full-width digits -> ASCII), unicode minus -> '-', lower case;
+    \\text{..} and similar unwrapped; LaTeX spacing, '$', '%', degrees and markdown bold
+    dropped; the last right-hand side of an equation ('6 \\times 3 = 18', 'x = 18');
+    LaTeX fractions and mixed numbers -> 'p/q'; wrappers '(18)', '{18}' removed; thousands
+    separators (',', '{,}', '\\,') removed; trailing '.' dropped.
+    A number followed only by units or words ('18 dollars', '18 cm^2', '18/hour') -> the
+    number. Anything else -> the string without spaces (but '1 8' keeps its space). Longer than MAX_ANSWER_CHARS:
+    returned as it is (spam, never parsed)."""
+    if len(s) > MAX_ANSWER_CHARS:
+        return s
+    s = unicodedata.normalize("NFKC", s).replace("\u2212", "-").replace("\u2013", "-").lower()
+    s = _TEXT.sub(r"\1", _TEXT.sub(r"\1", s))  # twice: '\text{\textbf{18}}'
+    s = _THOUSANDS.sub("", s)
+    for junk in _LATEX_DROP:
         s = s.replace(junk, "")
-    s = _THOUSANDS_COMMA.sub("", s.strip().rstrip("."))
-    return s.lower()
+    for space in _LATEX_SPACE:
+        s = s.replace(space, " ")
+    s = _latex_fractions(s).rsplit("=", 1)[-1]  # the last right-hand side
+    s = _strip_wrappers(s.strip().rstrip(".").strip())
+    s = re.sub(r"^- ", "-", s)
+    number = _NUMBER.match(s)
+    if number and len(number.group()) < len(s) and _UNITS.fullmatch(s[number.end():]):
+        return number.group().rstrip(".")  # '18 dollars' -> '18'
+    return _SPACE_NOT_BETWEEN_DIGITS.sub("", s)  # 'x + 1' -> 'x+1', but '1 8' stays
 
 
 def parse_number(s: str) -> Fraction | None:
@@ -232,13 +374,15 @@ def parse_number(s: str) -> Fraction | None:
 
 
 def math_reward(completion: str, gold: str, last_number_fallback: bool = False) -> float:
-    """Verifiable reward r in {0, 1}: does the response's final answer equal the gold one?"""
+    """Verifiable reward r in {0, 1}: does the response's final answer equal the gold one?
+    Two numbers are compared exactly; a number never equals a non-number (so '1 8' is not
+    18); two non-numbers are compared as normalised strings."""
     pred = extract_answer(completion, last_number_fallback)
     if pred is None:
         return 0.0
     p, g = normalize_answer(pred), normalize_answer(gold)
     pn, gn = parse_number(p), parse_number(g)
-    if pn is not None and gn is not None:
+    if pn is not None or gn is not None:
         return float(pn == gn)
     return float(p != "" and p == g)
 

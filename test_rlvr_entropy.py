@@ -40,14 +40,126 @@ GSM8K_CASES = [
     ("#### 7 #### 18", "18", 1.0),     # the last '####' wins
 ]
 
-# Where this file's extraction policy deliberately differs from math-verify's.
-POLICY_CASES = [
-    ("The answer is 18.", "18", 0.0),  # no '####' and no \boxed: no last-number fallback
-    ("\\boxed{17} then #### 18", "18", 1.0),  # '####' is read before \boxed
+# The causes of misgrading found against a careful human grader on GSM8K-style outputs
+# (issue 11), several cases each, labelled by hand. Gold answers are GSM8K's plain numbers.
+CAUSE_CASES = {
+    "units": [
+        (r"So she earns \boxed{18 \text{ dollars}}.", "18", 1.0),
+        (r"\boxed{18 cm}", "18", 1.0),
+        (r"\boxed{18\text{ hours}}", "18", 1.0),
+        (r"\boxed{18 \, \text{dollars}}", "18", 1.0),
+        (r"\boxed{18 \mathrm{~cm}}", "18", 1.0),
+        (r"\boxed{18^\circ}", "18", 1.0),
+        (r"\boxed{18^{\circ}}", "18", 1.0),
+        (r"\boxed{\text{18 dollars}}", "18", 1.0),
+        ("#### 18 dollars", "18", 1.0),
+        (r"\boxed{12 \text{ cm}^2}", "12", 1.0),
+        (r"\boxed{7.5\text{ miles per hour}}", "7.5", 1.0),
+        (r"\boxed{18 \text{ dollars}}", "19", 0.0),
+        (r"\boxed{18 \text{ and } 19}", "18", 0.0),
+    ],
+    "percent": [
+        (r"\boxed{18\%}", "18", 1.0),
+        (r"\boxed{10 \%}", "10", 1.0),
+        ("#### 25%", "25", 1.0),
+        (r"\boxed{12.5\%}", "12.5", 1.0),
+        (r"\boxed{18\%}", "20", 0.0),
+    ],
+    "wrappers": [
+        (r"\boxed{x = 18}", "18", 1.0),
+        (r"\boxed{(18)}", "18", 1.0),
+        (r"\boxed{{18}}", "18", 1.0),
+        (r"\boxed{(-3)}", "-3", 1.0),
+        (r"\boxed{\left( 18 \right)}", "18", 1.0),
+        (r"\boxed{(-3)}", "3", 0.0),
+    ],
+    "equation": [
+        (r"\boxed{6 \times 3 = 18}", "18", 1.0),
+        (r"\boxed{3 \cdot 4 + 6 = 18}", "18", 1.0),
+        (r"\boxed{18 - 2 = 16}", "18", 0.0),
+    ],
+    "fractions": [
+        (r"\boxed{\dfrac34}", "0.75", 1.0),
+        (r"\boxed{\frac{3}{4}}", "3/4", 1.0),
+        (r"\boxed{\tfrac{1}{2}}", "0.5", 1.0),
+        (r"\boxed{2\frac{1}{2}}", "2.5", 1.0),
+        (r"\boxed{2\frac{1}{2}}", "10.5", 0.0),
+        (r"\boxed{2 \dfrac{1}{4}}", "9/4", 1.0),
+        (r"\boxed{-1\frac{1}{2}}", "-1.5", 1.0),
+    ],
+    "thousands": [
+        (r"\boxed{6{,}000}", "6000", 1.0),
+        (r"\boxed{1{,}234{,}567}", "1234567", 1.0),
+        (r"\boxed{6\,000}", "6000", 1.0),
+        (r"\boxed{\$6{,}000}", "6000", 1.0),
+        (r"\boxed{6{,}000}", "600", 0.0),
+    ],
+    "headings": [
+        ("#### Step 1: Add\n3 + 4 = 7\n#### Step 2: Triple\n7 * 3 = 21 - 3 = 18\n\\boxed{18}", "18", 1.0),
+        ("#### Step 1: the total\nShe has 18.\n#### Step 2: check\nDone.", "18", 0.0),
+        ("#### 18\nWait, I misread. So the final answer is \\boxed{20}", "18", 0.0),
+        ("#### 18\nWait, I misread. So the final answer is \\boxed{20}", "20", 1.0),
+        ("\\boxed{20} was wrong; recomputing.\n#### 18", "18", 1.0),
+    ],
+    "phrases": [
+        ("3 * 6 = 18. The answer is 18.", "18", 1.0),
+        ("**Final Answer:** 18", "18", 1.0),
+        ("Final Answer: The final answer is 18. I hope it is correct.", "18", 1.0),
+        ("### Final Answer\n\n18", "18", 1.0),
+        ("The answer is $18.50.", "18.5", 1.0),
+        ("Answer: 7 + 11 = 18", "18", 1.0),
+        ("The answer is not 17. The answer is 18.", "18", 1.0),
+        ("The answer is 17. The answer is 18.", "17", 0.0),
+        ("First 18, then 20, then 25.", "25", 0.0),
+        ("We get 18 apples in total.", "18", 0.0),
+    ],
+}
+
+# What the reward already did better than math-verify, kept.
+KEPT_CASES = [
+    ("\\boxed{18.}", "18", 1.0),
+    ("\\boxed{**18**}", "18", 1.0),
+    ("\\boxed {18}", "18", 1.0),
+    ("\\boxed{\uff11\uff18}", "18", 1.0),            # full-width digits
+    ("\\boxed{17}. No wait: \\boxed{18}", "18", 1.0),  # the last box is the final answer
+    ("\\boxed{18}. No wait: \\boxed{17}", "18", 0.0),
+    ("\\boxed{18} so far, and then \\boxed{1", "18", 0.0),  # cut off in the last box: no answer
+    ("#### 18 19 20 21", "18", 0.0),                       # spam: several numbers are no answer
+    ("\\boxed{17, 18, 19}", "18", 0.0),
+    ("The answer is 17 or 18.", "18", 0.0),
+    ("#### 1 8", "18", 0.0),                               # '1 8' is not 18
+    ("\\boxed{1.8 \\times 10^1}", "18", 0.0),            # the answer is never evaluated
+    ("the answer is therefore 18", "18", 1.0),             # a filler word may stand between
+    ("\\boxed{eighteen}", "18", 0.0),                      # number words are not read
 ]
 
+# Where this file's extraction policy deliberately differs from math-verify's.
+POLICY_CASES = [
+    ("\\boxed{17} then #### 18", "18", 1.0),  # the last marker wins; math-verify reads the box
+    ("I got 18.", "18", 0.0),                # no marker: no last-number fallback
+]
 
-@pytest.mark.parametrize("completion,gold,expected", GSM8K_CASES + POLICY_CASES)
+ALL_CASES = GSM8K_CASES + [c for cases in CAUSE_CASES.values() for c in cases] + KEPT_CASES
+
+# Cases where math-verify 0.9.0 disagrees with the hand label, and why; the agreement test
+# skips them. Everywhere else the two graders must agree.
+MATH_VERIFY_WRONG = {
+    "\\boxed{\\text{18 dollars}}": "it reads no number inside \\text{}",
+    "\\boxed{12.5\\%}": "it turns 12.5% into 0.125, yet accepts 18% for 18",
+    "\\boxed{6\\,000}": "it does not read \\, as a thousands separator",
+    "\\boxed{20} was wrong; recomputing.\n#### 18": "it reads the box before any later answer",
+    "First 18, then 20, then 25.": "it falls back to the last number (our policy refuses)",
+    "We get 18 apples in total.": "it falls back to the last number (our policy refuses)",
+    "\\boxed{18} so far, and then \\boxed{1": "it grades the earlier box of a cut-off response",
+    "\\boxed{1.8 \\times 10^1}": "it evaluates the expression (we read only a stated number)",
+    "\\boxed{18.}": "it does not read a trailing period",
+    "\\boxed{**18**}": "it does not read markdown bold",
+    "\\boxed {18}": "it does not read a space after \\boxed",
+    "\\boxed{\uff11\uff18}": "it does not read full-width digits",
+}
+
+
+@pytest.mark.parametrize("completion,gold,expected", ALL_CASES + POLICY_CASES)
 def test_math_reward_gsm8k_cases(completion, gold, expected):
     assert R.math_reward(completion, gold) == expected
 
@@ -59,11 +171,27 @@ def test_extract_answer_rules():
     assert R.extract_answer("no answer 12 here 7", last_number_fallback=True) == "7"
     assert R.extract_answer("costs 1,234.50 total", last_number_fallback=True) == "1,234.50"
     assert R.extract_answer("####   \n\\boxed{5}") == "5"  # empty '####' line: try \boxed
+    # a heading is not an answer while a real marker exists, and is read when none does
+    assert R.extract_answer("#### Step 1\n\\boxed{5}\n#### Step 2: done") == "5"
+    assert R.extract_answer("#### Yes") == "Yes"
+    # an answer phrase runs to the end of its sentence, and '18.5' does not end one
+    assert R.extract_answer("The answer is 18.5 cm. Then we stop.") == "18.5 cm"
+    assert R.extract_answer("the answer is therefore unclear") is None
+    assert R.extract_answer("\\boxed{" + "1" * 5000 + "}") is None  # longer than MAX_BOX_CHARS
 
 
 def test_normalize_and_parse_number():
     assert R.normalize_answer("  $1,234.  ") == "1234"
     assert R.normalize_answer("\\text{Yes}") == "yes"
+    assert R.normalize_answer("18 \\text{ dollars}") == "18"
+    assert R.normalize_answer("2\\frac{1}{2}") == "5/2"         # 2 + 1/2
+    assert R.normalize_answer("-1\\dfrac12") == "-3/2"          # -(1 + 1/2)
+    assert R.normalize_answer("0.5\\frac{1}{2}") == "0.51/2"    # no mixed number after a decimal
+    assert R.normalize_answer("\\frac{x}{2}") == "\\frac{x}{2}"  # not plain numbers: left alone
+    assert R.normalize_answer("(1)+(2)") == "(1)+(2)"  # the first pair closes early: kept
+    assert R.normalize_answer("[(18)]") == "18"
+    assert R.normalize_answer("x + 1") == "x+1"
+    assert R.normalize_answer("1 8") == "1 8"
     assert R.parse_number("-12") == Fraction(-12)
     assert R.parse_number("0.75") == Fraction(3, 4)
     assert R.parse_number("3/4") == Fraction(3, 4)
@@ -77,15 +205,20 @@ def test_string_answers_compare_normalised():
     assert R.math_reward("#### x+1", "x + 1") == 1.0
     assert R.math_reward("#### x+2", "x+1") == 0.0
     assert R.math_reward("####", "") == 0.0  # an empty answer never matches
+    assert R.math_reward("\\boxed{18}", "eighteen") == 0.0  # a number never equals a word
 
 
 HOSTILE = [
     "#" * 500_000 + "1" * 500_000,               # 1 MB of '#' and digits
-    "\\boxed{" * 100_000,                          # nested \boxed{ that never closes
+    "\\boxed{" * 100_000,                          # nested \boxed{ that never close
     "1," * 300_000 + "5",                          # one enormous 'number'
     "#### 1\x00 2\x00",                            # NUL bytes
     "#### \u0663\u0664",                           # Arabic-Indic digits
     "#### __import__('os').system('echo pwned')",  # code is text, never run
+    "the answer is " * 75_000,                     # 1 MB of answer phrases with no answer
+    "#### a\n" * 150_000,                          # 150,000 headings
+    "\\boxed{" + "2\\frac{" * 150_000 + "}",       # fractions that never close
+    "The answer is " + "1 " * 500_000,             # a phrase followed by 1 MB of digits
 ]
 
 
@@ -101,10 +234,15 @@ def test_reward_survives_hostile_strings(text):
 @pytest.mark.skipif(sys.platform == "win32", reason="math-verify uses signals")
 def test_reward_agrees_with_math_verify():
     pytest.importorskip("math_verify")  # .ci/run installs it, so CI always runs this
-    for completion, gold, expected in GSM8K_CASES:
+    checked = 0
+    for completion, gold, expected in ALL_CASES:
         if "\u2212" in completion:
             continue  # math-verify has no rule for the unicode minus; ours does
+        if completion in MATH_VERIFY_WRONG:
+            continue  # math-verify is wrong here; the reason is written beside the case
         assert R.math_verify_reward(completion, gold) == expected, completion
+        checked += 1
+    assert checked == 70  # every case but the 13 set aside above
 
 
 # ----------------------------------------------------------------------------- data
