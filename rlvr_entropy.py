@@ -125,9 +125,31 @@ def load_local_dataset(path: str, question_field: str = "question",
     suffix = Path(path).suffix.lower()
     if suffix not in kinds:
         raise ValueError(f"dataset {path} must end in one of {', '.join(kinds)}")
+    if Path(path).is_dir():
+        raise ValueError(f"dataset {path} is a folder, not a file")
     if not Path(path).is_file():
         raise ValueError(f"dataset file {path} does not exist")
-    rows = load_dataset(kinds[suffix], data_files=str(path), split="train")
+    if Path(path).stat().st_size == 0:
+        raise ValueError(f"dataset {path} is empty")
+    if kinds[suffix] == "json":  # name the first broken line (the loader's own error does not)
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+        try:
+            json.loads(text)  # one JSON document (a list of rows) is fine as it is
+        except ValueError:
+            for n, line in enumerate(text.splitlines(), 1):  # else JSON lines, one row each
+                try:
+                    line.strip() and json.loads(line)
+                except ValueError:
+                    raise ValueError(f"line {n} of {path} is not valid JSON") from None
+    try:
+        rows = load_dataset(kinds[suffix], data_files=str(path), split="train")
+    except Exception as e:  # noqa: BLE001 (a malformed file, in any of the loaders' words)
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        if "corresponds to no data" in reason:  # a CSV with a header and no rows
+            raise ValueError(f"dataset {path} has no rows") from None
+        raise ValueError(f"could not read {path} ({reason})") from None
+    if len(rows) == 0:
+        raise ValueError(f"dataset {path} has no rows")
     out = []
     for i, r in enumerate(rows):
         for field in (question_field, answer_field):
@@ -474,28 +496,26 @@ def decode_completions(tokenizer, rollout: dict) -> list[str]:
 
 # =========================================================================================
 # 4. Token statistics: log-probs, entropy, perplexity
-#   log pi(o_t)  = z[o_t] - logsumexp(z),  z = logits / temperature
+#   log pi(o_t)  = z[o_t] - logsumexp(z),  z = logits / temperature (applied once, in fp32)
 #   H_t          = -sum_v pi(v) log pi(v)                 (the whole vocabulary)
 #   log_ppl(o_i) = -(1/|o_i|) sum_t log pi(o_{i,t}),  PPL = exp(log_ppl)    (as in [A])
 # =========================================================================================
 
 
 def completion_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      n_completion: int, temperature: float = 1.0) -> torch.Tensor:
-    """Logits / temperature that predict the last `n_completion` tokens: (B, T, V).
+                      n_completion: int) -> torch.Tensor:
+    """Raw logits z that predict the last `n_completion` tokens: (B, T, V).
 
     logits_to_keep skips the LM head on prompt positions, which saves a (B, P, V) tensor.
     Position ids are cumsum(mask) - 1, the same ids generate() used on left-padded
     prompts. Without them the recomputed log-probs would not match the sampler's.
-    The division by the temperature is done in place: `logits / T` would allocate a
-    second (B, T, V) tensor. The LM head's backward needs its input, not its output, so
-    autograd allows the in-place edit.
+    The temperature is *not* applied here: token_logprobs and token_entropy apply it, once,
+    chunk by chunk in fp32 (dividing bf16 logits by T would round them first).
     """
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 logits_to_keep=n_completion + 1, use_cache=False)
-    logits = out.logits[:, :-1]  # position t predicts token t+1, so drop the last one
-    return logits.div_(temperature) if temperature != 1.0 else logits
+    return out.logits[:, :-1]  # position t predicts token t+1, so drop the last one
 
 
 def logit_chunks(logits: torch.Tensor, chunk_elems: int = 2**24) -> list[torch.Tensor]:
@@ -507,43 +527,46 @@ def logit_chunks(logits: torch.Tensor, chunk_elems: int = 2**24) -> list[torch.T
     return [chunk for row in logits for chunk in row.split(n)]
 
 
-def _fp32_logsumexp(chunk: torch.Tensor) -> torch.Tensor:
-    return torch.logsumexp(chunk.float(), -1)
+def _scaled(z: torch.Tensor, temperature: float) -> torch.Tensor:
+    """z / T in at least fp32 (fp64 stays fp64): the upcast comes before the division."""
+    z = z.to(torch.promote_types(z.dtype, torch.float32))
+    return z / temperature if temperature != 1.0 else z
+
+
+def _scaled_logsumexp(chunk: torch.Tensor, temperature: float) -> torch.Tensor:
+    return torch.logsumexp(_scaled(chunk, temperature), -1)
 
 
 def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor,
                    temperature: float = 1.0, chunk_elems: int = 2**24) -> torch.Tensor:
-    """log pi(token) for each position: (B, T, V), (B, T) -> (B, T) fp32, differentiable.
+    """log pi(token) for each position: (B, T, V) raw logits, (B, T) -> (B, T), differentiable.
 
-    log pi(o_t) = z[o_t] - logsumexp(z), z = logits / T. No log_softmax tensor is built,
-    and logsumexp runs a chunk at a time because it allocates an exp() temporary the size
-    of its input. Autograd then keeps only the logits (which exist anyway) and (B, T)
-    results: no second (B, T, V) fp32 copy.
-    T is the *sampling* temperature: the responses were drawn from softmax(z / T), so that
-    is the behaviour policy. At T = 1 the ratio pi_new / pi_old would be != 1 even on-policy
-    and the clip would fire for no reason. Pass T = 1 for logits that are already divided
-    (completion_logits does it in place); any other T costs one (B, T, V) copy here.
-    bf16/fp16 logits: a logsumexp in 8 mantissa bits is off by ~1e-2, so each chunk is
-    upcast to fp32, under activation checkpointing so that backward recomputes the fp32
-    chunk instead of keeping it. (The gathered logit needs no upcast: it is exact.)
+    log pi(o_t) = z[o_t] / T - logsumexp(z / T). No log_softmax tensor is built, and
+    logsumexp runs a chunk at a time because it allocates an exp() temporary the size of
+    its input. T is the *sampling* temperature: the responses were drawn from
+    softmax(z / T), so that is the behaviour policy (at T = 1 here the ratio
+    pi_new / pi_old would be != 1 even on-policy and the clip would fire for no reason).
+    Each chunk is upcast to fp32 *before* the division by T (bf16 would round z / T), under
+    activation checkpointing whenever that makes a new tensor (bf16/fp16 logits, or T != 1),
+    so that backward recomputes the chunk instead of keeping it: autograd then holds only
+    the logits (which exist anyway) and (B, T) results, never a second (B, T, V) copy.
+    Result: fp32 (fp64 for fp64 logits).
     """
-    if temperature != 1.0:
-        logits = logits / temperature
-    picked = logits.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
-    if logits.dtype in (torch.float32, torch.float64):
-        lse = [torch.logsumexp(c, -1) for c in logit_chunks(logits, chunk_elems)]
-    else:
-        from torch.utils.checkpoint import checkpoint
+    from torch.utils.checkpoint import checkpoint
 
-        lse = [checkpoint(_fp32_logsumexp, c, use_reentrant=False) if c.requires_grad
-               else _fp32_logsumexp(c) for c in logit_chunks(logits, chunk_elems)]
-    return picked.to(lse[0].dtype) - torch.cat(lse).view(picked.shape)
+    picked = _scaled(logits.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1), temperature)
+    copies = temperature != 1.0 or logits.dtype not in (torch.float32, torch.float64)
+    lse = [checkpoint(_scaled_logsumexp, c, temperature, use_reentrant=False)
+           if copies and c.requires_grad else _scaled_logsumexp(c, temperature)
+           for c in logit_chunks(logits, chunk_elems)]
+    return picked - torch.cat(lse).view(picked.shape)
 
 
 @torch.no_grad()
 def token_entropy(logits: torch.Tensor, temperature: float = 1.0,
                   chunk_elems: int = 2**24) -> torch.Tensor:
-    """H_t = -sum_v p_v log p_v over the full vocabulary: (B, T, V) -> (B, T), fp32.
+    """H_t = -sum_v p_v log p_v, p = softmax(z / T), over the full vocabulary:
+    (B, T, V) raw logits -> (B, T), fp32 (fp64 for fp64 logits).
 
     Computed under no_grad (entropy is measured, not trained), one chunk of positions at a
     time, so the fp32 log-softmax never exists for the whole batch (B*T*V*4 bytes: 5 GB
@@ -551,7 +574,7 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0,
     """
     out = []
     for chunk in logit_chunks(logits, chunk_elems):
-        logp = torch.log_softmax(chunk.float() / temperature, -1)
+        logp = torch.log_softmax(_scaled(chunk, temperature), -1)
         out.append(-(logp.exp().mul_(logp)).sum(-1))
     return torch.cat(out).view(logits.shape[:-1])
 
@@ -708,8 +731,10 @@ def scheduled_lambda(schedule: str, step: int, total_steps: int, fixed: float = 
     if schedule == "fixed":
         return fixed
     if schedule == "stage":
-        half = total_steps // 2
-        return min(1.0, max(0.0, (step - half) / max(1, total_steps - 1 - half)))
+        half, ramp = total_steps // 2, total_steps - 1 - total_steps // 2
+        if step < half:
+            return 0.0
+        return 1.0 if ramp <= 0 else min(1.0, (step - half) / ramp)  # ramp 0: one step, at 1
     if schedule == "epoch":
         epoch = 1 + step * n_epochs // total_steps  # 1 .. E
         return (epoch - 1) / (n_epochs - 1)
@@ -784,8 +809,9 @@ def old_policy_stats(model, rollout: dict, temperature: float, micro_batch_size:
     for idx in length_grouped(torch.arange(len(comp), device=comp.device), lengths, micro_batch_size):
         n = int(lengths[idx].max())
         with autocast_ctx(comp.device, bf16):
-            logits = completion_logits(model, *trimmed_rows(rollout, idx, n), n, temperature)
-        lp, h = token_logprobs(logits, comp[idx, :n]), token_entropy(logits)  # logits are / T
+            logits = completion_logits(model, *trimmed_rows(rollout, idx, n), n)
+        lp = token_logprobs(logits, comp[idx, :n], temperature)
+        h = token_entropy(logits, temperature)
         if logps is None:
             logps, ents = lp.new_zeros(mask.shape), h.new_zeros(mask.shape)
         logps[idx, :n], ents[idx, :n] = lp, h
@@ -944,9 +970,9 @@ def train(args: argparse.Namespace, model, tokenizer, train_set: list[dict],
                 for idx in length_grouped(mb, lengths, micro):
                     n = int(lengths[idx].max())
                     with autocast_ctx(device, args.bf16):
-                        logits = completion_logits(model, *trimmed_rows(rollout, idx, n), n,
-                                                   args.temperature)
-                    logp = token_logprobs(logits, rollout["completion_ids"][idx, :n])
+                        logits = completion_logits(model, *trimmed_rows(rollout, idx, n), n)
+                    logp = token_logprobs(logits, rollout["completion_ids"][idx, :n],
+                                          args.temperature)
                     adv, m = advantages[idx, :n], mask[idx, :n]
                     tok_loss, ratio = clipped_token_loss(logp, old_logp[idx, :n], adv,
                                                          args.clip_low, args.clip_high)
@@ -1099,9 +1125,14 @@ def eval_outcomes(model, tokenizer, problems: list[dict], args: argparse.Namespa
     device = next(model.parameters()).device
     eos_ids = eos_token_ids(model, tokenizer)
     reward_fn = reward_function(args.reward, args.last_number_fallback)
+    from tqdm import tqdm
+
     outcomes = []
     per_batch = max(1, args.eval_batch_size // k)
-    for i in range(0, len(problems), per_batch):
+    starts = range(0, len(problems), per_batch)
+    # A transient bar, shown only on a terminal: the training bar and the log stay clean.
+    for i in tqdm(starts, desc="eval greedy" if greedy else f"eval {k} samples each",
+                  leave=False, disable=None, dynamic_ncols=True):
         chunk = problems[i:i + per_batch]
         prompts = [build_prompt(tokenizer, p["question"], args.instruction) for p in chunk]
         with autocast_ctx(device, args.bf16):
@@ -1287,9 +1318,13 @@ def supervised_warmup(model, tokenizer, problems: list[dict], steps: int, batch_
     # points from one step to the next, and every RL run would start somewhere random.
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.1 + 0.45 * (1 + math.cos(math.pi * s / max(1, steps))))
+    from tqdm import tqdm
+
     losses = []
     model.train()
-    for _ in range(steps):
+    # A transient bar, shown only on a terminal: the training bar and the log stay clean.
+    bar = tqdm(range(steps), desc="warm-up", leave=False, disable=None, dynamic_ncols=True)
+    for step in bar:
         batch = rng.sample(problems, batch_size)
         prompt_ids = [tokenizer(build_prompt(tokenizer, p["question"]), add_special_tokens=False).input_ids
                       for p in batch]
@@ -1316,6 +1351,8 @@ def supervised_warmup(model, tokenizer, problems: list[dict], steps: int, batch_
         opt.step()
         sched.step()
         losses.append(loss.item())
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
     return losses
 
 
@@ -1443,12 +1480,15 @@ def restore_signal_handlers(previous: dict) -> None:
 def read_run(run_dir: Path) -> dict:
     """A run folder as plain data: its args, metrics rows and (if finished) summary."""
     metrics = run_dir / "metrics.jsonl"
-    if not metrics.exists():
+    if not run_dir.is_dir():
+        raise SystemExit(f"error: run folder {run_dir} "
+                         f"{'is not a folder' if run_dir.exists() else 'does not exist'}")
+    if not metrics.is_file():
         raise SystemExit(f"error: {run_dir} is not a run folder (no metrics.jsonl)")
     rows = read_metrics(metrics)
     if not rows:
         raise SystemExit(f"error: {metrics} has no complete rows yet")
-    args = json.loads((run_dir / "args.json").read_text()) if (run_dir / "args.json").exists() else {}
+    args = read_args_json(run_dir) or {}
     summary = run_dir / "summary.json"
     stage = detect_plateau([r["entropy"] for r in rows], [r["reward"] for r in rows],
                            args.get("stage_window", 10), args.get("stage_frac", 0.25),
@@ -1528,9 +1568,13 @@ def plot_runs(run_dirs: list[Path], out_path: Path, smooth: int = 5) -> Path:
         a.grid(alpha=0.3)
         a.legend(fontsize=7)
     fig.tight_layout()
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=110)
-    plt.close(fig)
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out_path, dpi=110)
+    except OSError as e:
+        raise SystemExit(f"error: cannot write the figure {out_path} ({e.strerror})") from None
+    finally:
+        plt.close(fig)
     return out_path
 
 
@@ -1565,6 +1609,27 @@ def compare_table(runs: list[dict], wall: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def compare_run_state(run_dir: Path, args: argparse.Namespace) -> str:
+    """What `compare` finds in a run folder: 'empty' (no run), 'done' (finished with these
+    settings and steps), or a phrase that says why it cannot be reused."""
+    if not any((run_dir / n).exists() for n in ("metrics.jsonl", "checkpoint", "checkpoint.old")):
+        return "empty"
+    record = read_args_json(run_dir)
+    if record is None:
+        return "a run without a readable args.json"
+    now = run_settings(args)
+    if args.lambda_epochs is None:  # derived from --steps and the data: compared through them
+        now.pop("lambda_epochs", None)
+    differ = settings_differences(record, now)
+    if record.get("steps") != args.steps and "steps" not in now:
+        differ.append(f"--steps {record.get('steps')!r} in the run, {args.steps!r} now")
+    if differ:
+        return f"a run with other settings ({'; '.join(differ)})"
+    if not (run_dir / "summary.json").exists():
+        return "an unfinished run"
+    return "done"
+
+
 def compare(argv: list[str]) -> str:
     """`compare`: train each method on each seed (same preset and flags), then write
     compare.md and compare.png in --out-dir and print the table."""
@@ -1582,6 +1647,9 @@ def compare(argv: list[str]) -> str:
     p.add_argument("--jobs", type=int, default=1,
                    help="runs at the same time; with more than 1 each run uses "
                         "cpu_count/jobs threads (--threads), which changes its numbers slightly")
+    p.add_argument("--overwrite", action="store_true",
+                   help="redo every run; by default a finished run with the same settings is "
+                        "reused, so --seeds 5 after --seeds 3 trains only seeds 3 and 4")
     opts, train_flags = p.parse_known_args(argv)
     start = time.time()  # the whole command, warm-up included
     methods = [m.strip() for m in opts.methods.split(",") if m.strip()]
@@ -1590,7 +1658,8 @@ def compare(argv: list[str]) -> str:
         raise SystemExit(f"error: --methods: unknown {bad or 'empty'}; choose from {', '.join(METHODS)}")
     if opts.seeds < 1 or opts.jobs < 1:
         raise SystemExit("error: --seeds and --jobs must be at least 1")
-    blocked = {"--method", "--seed", "--out-dir", "--resume"} & {f.split("=")[0] for f in train_flags}
+    blocked = ({"--method", "--seed", "--out-dir", "--resume", "--overwrite"}
+               & {f.split("=")[0] for f in train_flags})
     if blocked:
         raise SystemExit(f"error: compare sets {', '.join(sorted(blocked))} itself")
     from transformers.utils import logging as hf_logging
@@ -1598,13 +1667,30 @@ def compare(argv: list[str]) -> str:
     hf_logging.disable_progress_bar()
     args = parse_args(train_flags)  # validate the shared flags once, before any run starts
     check_args(args)
-    if args.model == "tiny":  # warm up once here, so parallel runs do not all do it
+    out_root = Path(opts.out_dir)
+    check_out_dir(out_root, resume=False, overwrite=True)  # a file, or not writable
+    todo, wall = [], {}
+    for method, seed in [(m, s) for m in methods for s in range(opts.seeds)]:
+        run_dir = out_root / f"{method}-seed{seed}"
+        state = compare_run_state(run_dir, parse_args(["--preset", args.preset, "--method", method,
+                                                       "--seed", str(seed), "--out-dir",
+                                                       str(run_dir), *train_flags]))
+        if state == "done" and not opts.overwrite:
+            wall[str(run_dir)] = json.loads((run_dir / "summary.json").read_text()).get(
+                "wall_time", float("nan"))
+        elif state in ("empty", "done") or opts.overwrite:
+            todo.append((method, seed))
+        else:  # refuse before any run starts, so nothing is lost and no time is spent
+            raise SystemExit(f"error: {run_dir} holds {state}; pass --overwrite to redo it, "
+                             "or choose another --out-dir")
+    if wall:
+        print(f"reusing {len(wall)} finished run(s) with the same settings "
+              f"(--overwrite redoes them)")
+    if args.model == "tiny" and todo:  # warm up once here, so parallel runs do not all do it
         set_seed(args.seed)
         tiny_warm_model(args, load_data(args)[0])
-    out_root = Path(opts.out_dir)
     threads = max(1, (os.cpu_count() or 1) // opts.jobs) if opts.jobs > 1 else None
-    todo = [(m, s) for m in methods for s in range(opts.seeds)]
-    running, wall, failed = [], {}, []
+    running, failed = [], []
     from tqdm import tqdm
 
     bar = tqdm(total=len(todo), desc="compare", dynamic_ncols=True)
@@ -1614,7 +1700,7 @@ def compare(argv: list[str]) -> str:
             run_dir = out_root / f"{method}-seed{seed}"
             run_dir.mkdir(parents=True, exist_ok=True)
             cmd = [sys.executable, os.path.abspath(__file__), "--method", method, "--seed", str(seed),
-                   "--out-dir", str(run_dir), *train_flags]
+                   "--out-dir", str(run_dir), "--overwrite", *train_flags]
             cmd += ["--threads", str(threads)] if threads and "--threads" not in train_flags else []
             log = (run_dir / "log.txt").open("w")
             running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT),
@@ -1628,6 +1714,10 @@ def compare(argv: list[str]) -> str:
             if proc.returncode != 0:
                 failed.append(run_dir)
                 tqdm.write(f"{run_dir} failed (exit {proc.returncode}); see {run_dir / 'log.txt'}")
+            else:  # kept in the summary, so a later compare that reuses the run can table it
+                summary = json.loads((run_dir / "summary.json").read_text())
+                summary["wall_time"] = wall[str(run_dir)]
+                (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
             bar.update(1)
     bar.close()
     runs = [read_run(Path(d)) for d in wall if Path(d) not in failed]
@@ -1654,7 +1744,11 @@ def plot_command(argv: list[str]) -> Path:
     p.add_argument("-o", "--output", default="runs/plot.png", help="PNG file to write")
     p.add_argument("--smooth", type=int, default=5, help="moving-average window (steps)")
     opts = p.parse_args(argv)
-    out = plot_runs([Path(d) for d in opts.run_dirs], Path(opts.output), max(1, opts.smooth))
+    if opts.smooth < 1:
+        raise SystemExit(f"error: --smooth must be at least 1 (got {opts.smooth})")
+    if Path(opts.output).is_dir():
+        raise SystemExit(f"error: -o {opts.output} is a folder; name a .png file")
+    out = plot_runs([Path(d) for d in opts.run_dirs], Path(opts.output), opts.smooth)
     print(f"saved {out}")
     return out
 
@@ -1698,7 +1792,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--save-every", type=int, default=0,
       help="write <out-dir>/checkpoint every N steps (0: only on SIGINT/SIGTERM)")
     a("--resume", action="store_true",
-      help="continue from <out-dir>/checkpoint; pass the same other flags as the first run")
+      help="continue from <out-dir>/checkpoint. The settings that define the run must equal "
+           "the first run's; only machine and bookkeeping flags may change (--steps to "
+           "extend it, --save-every, --threads, --profile, --micro-batch-size, --device, "
+           "--eval-batch-size, --no-bf16, --gradient-checkpointing, --cache-dir)")
+    a("--overwrite", action="store_true",
+      help="start afresh in an --out-dir that already holds a run, deleting its metrics, "
+           "checkpoints, summary and model")
     g = p.add_argument_group("data and reward")
     g.add_argument("--model", help="hub name or local folder of a causal LM ('tiny' = built-in)")
     g.add_argument("--dataset", help="'builtin', 'gsm8k', or a .jsonl/.json/.parquet/.csv file")
@@ -1829,32 +1929,71 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# The settings that define a run. --resume refuses to continue a checkpoint under other
+# values of any of them; every other flag (machine and bookkeeping) may change on resume.
+RUN_SETTINGS = (
+    "method", "seed", "preset", "model", "dataset", "question_field", "answer_field",
+    "train_size", "eval_size", "instruction", "reward", "last_number_fallback",
+    "prompts_per_step", "group_size", "max_new_tokens", "temperature", "top_p",
+    "no_std_scaling", "ppl_alpha", "pos_alpha", "pos_k", "shape_from", "shape_until",
+    "stage_window", "stage_frac", "stage_patience", "pos_weight", "neg_weight",
+    "lambda_schedule", "entropy_target", "lambda_step", "lambda_epochs", "clip_low",
+    "clip_high", "loss_agg", "updates_per_batch", "mini_batches", "lr", "lr_warmup_steps",
+    "weight_decay", "max_grad_norm", "eval_every", "eval_k", "eval_temperature", "eval_top_p",
+    "warmup_steps", "warmup_lr", "warmup_batch_size", "warmup_seed", "warmup_show_work",
+    "warmup_mistake_rate")
+
+# (flag, lowest allowed, highest allowed, may it equal the lowest?) for every numeric flag;
+# OPEN_ABOVE flags must also stay below the highest. NaN fails every comparison, so it is
+# refused everywhere; so is +-inf.
+OPEN_ABOVE = {"stage_frac"}
+NUMERIC_FLAGS = [
+    ("seed", 0, None, True), ("steps", 1, None, True), ("save_every", 0, None, True),
+    ("train_size", 1, None, True), ("eval_size", 1, None, True),
+    ("prompts_per_step", 1, None, True), ("group_size", 2, None, True),
+    ("max_new_tokens", 1, None, True), ("temperature", 0, None, False), ("top_p", 0, 1, False),
+    ("ppl_alpha", 0, None, True), ("pos_alpha", 0, None, True), ("pos_k", 0, None, False),
+    ("shape_from", 0, None, True), ("shape_until", 0, None, True),
+    ("stage_window", 3, None, True), ("stage_frac", 0, 1, False), ("stage_patience", 1, None, True),
+    ("pos_weight", 0, 1, True), ("neg_weight", 0, None, True),
+    ("entropy_target", 0, None, False), ("lambda_step", 0, 1, False),
+    ("lambda_epochs", 2, None, True), ("clip_low", 0, 1, True), ("clip_high", 0, None, True),
+    ("updates_per_batch", 1, None, True), ("mini_batches", 1, None, True),
+    ("micro_batch_size", 0, None, True), ("lr", 0, None, False), ("lr_warmup_steps", 0, None, True),
+    ("weight_decay", 0, None, True), ("max_grad_norm", 0, None, False),
+    ("eval_every", 1, None, True), ("eval_batch_size", 1, None, True), ("eval_k", 0, None, True),
+    ("eval_temperature", 0, None, False), ("eval_top_p", 0, 1, False), ("threads", 0, None, True),
+    ("warmup_steps", 1, None, True), ("warmup_lr", 0, None, False),
+    ("warmup_batch_size", 1, None, True), ("warmup_seed", 0, None, True),
+    ("warmup_show_work", 0, 1, True), ("warmup_mistake_rate", 0, 1, True),
+]
+
+
+def flag_name(dest: str) -> str:
+    return "--no-bf16" if dest == "bf16" else "--" + dest.replace("_", "-")
+
+
 def check_args(args: argparse.Namespace) -> None:
-    """Reject bad values before anything is loaded or written."""
+    """Reject bad values before anything is loaded or written: one sentence, no traceback."""
+    for dest, low, high, low_ok in NUMERIC_FLAGS:
+        v = getattr(args, dest)
+        if v is None:  # not set, and derived later (--lambda-epochs)
+            continue
+        high_ok = dest not in OPEN_ABOVE
+        ok = (math.isfinite(v) and (v >= low if low_ok else v > low)
+              and (high is None or (v <= high if high_ok else v < high)))
+        if not ok:
+            rule = (f"in {'[' if low_ok else '('}{low}, {high}{']' if high_ok else ')'}"
+                    if high is not None else f"at least {low}" if low_ok else f"greater than {low}")
+            raise SystemExit(f"error: {flag_name(dest)} must be {rule} (got {v})")
     B = args.prompts_per_step * args.group_size
     checks = [
-        (args.group_size >= 2, (f"--group-size must be at least 2 (got {args.group_size}): "
-                                "GRPO compares each response with the others of its group")),
-        (args.steps >= 1, "--steps must be at least 1"),
-        (args.prompts_per_step >= 1, "--prompts-per-step must be at least 1"),
-        (args.eval_every >= 1, "--eval-every must be at least 1"),
-        (args.eval_k >= 0, "--eval-k must be 0 or more"),
-        (args.eval_temperature > 0 and 0 < args.eval_top_p <= 1,
-         "--eval-temperature must be positive and --eval-top-p in (0, 1]"),
-        (args.stage_window >= 3 and args.stage_patience >= 1 and 0 < args.stage_frac < 1,
-         "--stage-window must be at least 3, --stage-patience at least 1, --stage-frac in (0, 1)"),
-        (args.temperature > 0, "--temperature must be positive"),
-        (0 < args.top_p <= 1, "--top-p must be in (0, 1]"),
-        (1 <= args.mini_batches <= B, f"--mini-batches must be between 1 and {B}"),
-        (args.updates_per_batch >= 1, "--updates-per-batch must be at least 1"),
-        (args.micro_batch_size >= 0, "--micro-batch-size must be 0 or more"),
-        (args.save_every >= 0, "--save-every must be 0 or more"),
-        (args.clip_low >= 0 and args.clip_high >= 0, "clip ranges must be non-negative"),
-        (args.lambda_epochs is None or args.lambda_epochs >= 2, "--lambda-epochs must be at least 2"),
-        (0 <= args.warmup_show_work <= 1 and 0 <= args.warmup_mistake_rate <= 1,
-         "--warmup-show-work and --warmup-mistake-rate must be in [0, 1]"),
+        (args.mini_batches <= B, f"--mini-batches must be between 1 and {B} (prompts x G)"),
         (args.model != "tiny" or args.dataset == "builtin",
          "the tiny model only knows the built-in task; use --dataset builtin or pass --model"),
+        (args.model != "tiny" or args.warmup_batch_size <= args.train_size,
+         "--warmup-batch-size must not exceed --train-size"),
+        (not (args.resume and args.overwrite), "--resume and --overwrite exclude each other"),
     ]
     for ok, message in checks:
         if not ok:
@@ -1865,6 +2004,89 @@ def check_args(args: argparse.Namespace) -> None:
         except ImportError:
             raise SystemExit("error: --reward math-verify needs the math-verify package: "
                              "pip install math-verify") from None
+
+
+def check_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse an --out-dir that is a file, holds a run the command would overwrite, or
+    cannot be written. Leaves nothing behind: folders it creates to test are removed."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SystemExit(f"error: --out-dir {out_dir} is a file, not a folder")
+    held = [n for n in ("metrics.jsonl", "checkpoint", "checkpoint.old") if (out_dir / n).exists()]
+    if held and not (resume or overwrite):
+        raise SystemExit(f"error: {out_dir} already holds a run ({', '.join(held)}); pass "
+                         "--resume to continue it, --overwrite to replace it, or choose "
+                         "another --out-dir")
+    created = [p for p in (out_dir, *out_dir.parents) if not p.exists()]  # deepest first
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise SystemExit(f"error: cannot write to --out-dir {out_dir} ({e.strerror})") from None
+    finally:
+        for p in created:
+            try:
+                p.rmdir()
+            except OSError:
+                pass
+
+
+def run_settings(args: argparse.Namespace) -> dict:
+    """The values of RUN_SETTINGS that this run's method uses, as args.json stores them:
+    a grpo run ignores the shaping and lambda flags, so extending it with --steps is not
+    refused for the --lambda-epochs that follows --steps."""
+    unused = set()
+    if args.method not in ("ppl", "position"):
+        unused |= {"shape_from", "shape_until"}
+    if args.method != "ppl":
+        unused.add("ppl_alpha")
+    if args.method != "position":
+        unused |= {"pos_alpha", "pos_k"}
+    schedule = args.lambda_schedule if args.method == "posneg" else None
+    unused |= {k for k, used in (("pos_weight", schedule == "fixed"),
+                                 ("lambda_epochs", schedule == "epoch"),
+                                 ("entropy_target", schedule == "entropy"),
+                                 ("lambda_step", schedule == "entropy"),
+                                 ("lambda_schedule", schedule is not None),
+                                 ("neg_weight", schedule is not None)) if not used}
+    if args.model != "tiny":
+        unused |= {k for k in RUN_SETTINGS if k.startswith("warmup_")}
+    settings = {k: getattr(args, k) for k in RUN_SETTINGS if k not in unused}
+    if args.shape_from_plateau and "shape_from" in settings:
+        settings["shape_from"] = "plateau"
+    if schedule in ("stage", "epoch"):  # lambda follows the run's length
+        settings["steps"] = args.steps
+    return settings
+
+
+def settings_differences(saved: dict, now: dict) -> list[str]:
+    """'--flag: A in the run, B now' for each run-defining setting that differs.
+    Settings missing from `saved` (an older args.json) are not compared."""
+    return [f"{flag_name(k)} {saved[k]!r} in the run, {now[k]!r} now" for k in now
+            if k in saved and saved[k] != now[k]]
+
+
+def read_args_json(out_dir: Path) -> dict | None:
+    """The run record (args.json) of a run folder, or None if it is missing or unreadable."""
+    try:
+        record = json.loads((out_dir / "args.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    record.setdefault("history", [])
+    if record.get("shape_from_plateau"):
+        record["shape_from"] = "plateau"
+    return record
+
+
+def clear_run(out_dir: Path) -> None:
+    """--overwrite: delete what a run wrote (metrics, checkpoints, summary, model, args)."""
+    for name in ("metrics.jsonl", "summary.json", "args.json"):
+        (out_dir / name).unlink(missing_ok=True)
+    for name in ("checkpoint", "checkpoint.old", "checkpoint.tmp", "model"):
+        shutil.rmtree(out_dir / name, ignore_errors=True)
 
 
 def load_data(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
@@ -1895,6 +2117,10 @@ def load_data(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
 def load_model(args: argparse.Namespace, train_set: list[dict]):
     """(model, tokenizer) on args.device: the warmed-up tiny model, or a hub / local LM."""
     if args.model == "tiny":
+        try:  # before the warm-up, which takes a while, not after it
+            Path(args.cache_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SystemExit(f"error: cannot use --cache-dir {args.cache_dir} ({e.strerror})") from None
         model, tokenizer = tiny_warm_model(args, train_set)
         return model.to(args.device), tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -1925,11 +2151,12 @@ def main(argv: list[str] | None = None) -> dict:
     hf_logging.disable_progress_bar()  # no bars for reading or writing a few MB of weights
     args = parse_args(argv)
     check_args(args)
+    out_dir = Path(args.out_dir)
+    check_out_dir(out_dir, args.resume, args.overwrite)
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads:
         torch.set_num_threads(args.threads)
     set_seed(args.seed)
-    out_dir = Path(args.out_dir)
     checkpoint = find_checkpoint(out_dir) if args.resume else None
     if args.resume and checkpoint is None:
         raise SystemExit(f"error: --resume: no complete checkpoint in {out_dir}; "
@@ -1937,13 +2164,34 @@ def main(argv: list[str] | None = None) -> dict:
     train_set, eval_set = load_data(args)
     if args.lambda_epochs is None:  # the epoch schedule's E: passes over the training set
         args.lambda_epochs = max(2, math.ceil(args.steps * args.prompts_per_step / len(train_set)))
+    record = read_args_json(out_dir) if checkpoint is not None else None
     resume = None
+    if checkpoint is not None:
+        try:
+            resume = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
+        except Exception as e:  # noqa: BLE001 (truncated or foreign file: one sentence)
+            raise SystemExit(f"error: --resume: {checkpoint / 'trainer_state.pt'} cannot be "
+                             f"read ({type(e).__name__}); start afresh with --overwrite") from None
+        if record is None:
+            print(f"warning: {out_dir / 'args.json'} is missing; the run's settings cannot be "
+                  "checked against this command")
+        else:
+            differ = settings_differences(record, run_settings(args))
+            if differ:
+                steps_hint = (" (the defaults of --shape-from, --shape-until and "
+                              "--lambda-epochs follow --steps: pass the run's values)"
+                              if record.get("steps") != args.steps else "")
+                raise SystemExit(f"error: --resume: this command differs from the run in "
+                                 f"{out_dir}: {'; '.join(differ)}{steps_hint}. Pass the run's "
+                                 "values, or start a new run with another --out-dir")
+        if args.steps < resume["step"]:
+            raise SystemExit(f"error: --resume: --steps {args.steps} is before the checkpoint's "
+                             f"step {resume['step']}")
     if checkpoint is not None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         model = AutoModelForCausalLM.from_pretrained(checkpoint).to(args.device)
         tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-        resume = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
         print(f"resuming from {checkpoint} at step {resume['step']}")
     else:
         model, tokenizer = load_model(args, train_set)
@@ -1951,9 +2199,15 @@ def main(argv: list[str] | None = None) -> dict:
         enable_gradient_checkpointing(model)
     # Reseed after loading: a warm-up run and a cached run then sample the same RL batches.
     set_seed(args.seed)
+    if args.overwrite:  # only now, once every input has loaded: a failing command loses nothing
+        clear_run(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "args.json").write_text(json.dumps({k: str(v) if isinstance(v, torch.device) else v
-                                                   for k, v in vars(args).items()}, indent=1))
+    # args.json: the run's settings (the latest values) and every command that ran it
+    history = record["history"] if record is not None else []
+    history.append({"argv": list(argv), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    "from_step": resume["step"] if resume else 0})
+    values = {k: str(v) if isinstance(v, torch.device) else v for k, v in vars(args).items()}
+    (out_dir / "args.json").write_text(json.dumps({**values, "history": history}, indent=1))
     first = "plateau" if args.shape_from_plateau else args.shape_from
     print(f"{args.method} on {args.dataset} with {args.model}: {args.steps} steps, "
           f"{args.prompts_per_step} prompts x G={args.group_size}, device {args.device}; "
@@ -1972,4 +2226,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except OSError as e:  # disk full, a folder removed mid-run, ...: a sentence, not a traceback
+        raise SystemExit(f"error: {e.strerror or e}"
+                         + (f": {e.filename}" if e.filename else "")) from None

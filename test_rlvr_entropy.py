@@ -2,6 +2,7 @@
 an independent route: a naive loop, a plain log_softmax, the sampler's own scores.
 Run: python -m pytest -q test_rlvr_entropy.py"""
 
+import io
 import json
 import math
 import random
@@ -631,14 +632,220 @@ def test_missing_field_names_row_and_field(tmp_path):
                 "--out-dir", str(tmp_path / "o")])
 
 
-def test_cli_errors_have_no_traceback(tmp_path):
-    for argv in (["--method", "nonsense"], ["--group-size", "1"]):
-        proc = subprocess.run([sys.executable, str(HERE / "rlvr_entropy.py"), "--preset", "tiny",
-                               "--out-dir", str(tmp_path / "o"), *argv],
-                              capture_output=True, text=True, timeout=120, check=False)
-        assert proc.returncode != 0
-        assert "Traceback" not in proc.stderr
-        assert ("invalid choice" in proc.stderr) or ("error: --group-size" in proc.stderr)
+@pytest.mark.parametrize("argv,message", [
+    (["--method", "nonsense"], "invalid choice: 'nonsense'"),  # argparse's own sentence
+    (["--group-size", "1"], "error: --group-size must be at least 2 (got 1)"),
+    (["--lr", "nan"], "error: --lr must be greater than 0 (got nan)"),
+])
+def test_cli_errors_have_no_traceback(tmp_path, argv, message):
+    proc = subprocess.run([sys.executable, str(HERE / "rlvr_entropy.py"), "--preset", "tiny",
+                           "--out-dir", str(tmp_path / "o"), *argv],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert message in proc.stderr  # each command's own message, not another's
+
+
+# Every numeric flag, with values outside its range written by hand from its meaning.
+HAND_BAD = [("--lr", "nan"), ("--lr", "0"), ("--lr", "-1e-4"), ("--lr", "inf"),
+            ("--temperature", "0"), ("--temperature", "nan"), ("--top-p", "0"), ("--top-p", "1.5"),
+            ("--group-size", "1"), ("--steps", "0"), ("--max-grad-norm", "0"),
+            ("--warmup-lr", "-1"), ("--clip-low", "1.5"), ("--pos-weight", "2"),
+            ("--neg-weight", "-0.5"), ("--eval-every", "0"), ("--stage-frac", "1"),
+            ("--lambda-step", "0"), ("--warmup-mistake-rate", "nan"), ("--seed", "-1"),
+            ("--micro-batch-size", "-1"), ("--max-new-tokens", "0"), ("--eval-batch-size", "0")]
+
+
+def out_of_range(dest, low, high, low_ok, is_float):
+    """Values just outside [low, high] (or (low, ...)), plus NaN and inf for floats."""
+    below = (low - 0.5 if is_float else low - 1) if low_ok else low
+    values = [str(below)] + (["nan", "inf"] if is_float else [])
+    if high is not None:
+        values.append(str(high if dest in R.OPEN_ABOVE else high + 0.5 if is_float else high + 1))
+    return values
+
+
+DEFAULTS = R.parse_args(["--preset", "tiny"])
+TABLE_BAD = [("--" + d.replace("_", "-"), v) for d, lo, hi, ok in R.NUMERIC_FLAGS
+             for v in out_of_range(d, lo, hi, ok, isinstance(getattr(DEFAULTS, d), float))]
+
+
+def test_every_numeric_flag_is_range_checked():
+    numeric = {k for k, v in vars(DEFAULTS).items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    assert numeric <= {d for d, *_ in R.NUMERIC_FLAGS}  # no numeric flag goes unchecked
+    assert {f for f, _ in HAND_BAD} <= {f for f, _ in TABLE_BAD}
+
+
+@pytest.mark.parametrize("flag,value", HAND_BAD + TABLE_BAD)
+def test_bad_numbers_are_one_sentence_and_write_nothing(tmp_path, flag, value):
+    out = tmp_path / "o"
+    with pytest.raises(SystemExit) as err:
+        R.main(["--preset", "tiny", "--out-dir", str(out), "--cache-dir", str(tmp_path / "c"),
+                "--steps=1", "--warmup-steps=2", "--eval-size=4", f"{flag}={value}"])
+    assert str(err.value).startswith(f"error: {flag} must be ") and "\n" not in str(err.value)
+    assert not out.exists()
+
+
+def run_small(out: Path, tmp_path: Path, *extra: str) -> dict:
+    return R.main(["--preset", "tiny", "--out-dir", str(out), "--cache-dir",
+                   str(tmp_path / "cache"), *SMALL, *extra])
+
+
+def test_a_new_run_never_overwrites_an_earlier_one(tmp_path):
+    out = tmp_path / "run"
+    run_small(out, tmp_path, "--save-every", "1")
+    kept = {p: p.read_bytes() for p in (out / "metrics.jsonl", out / "summary.json")}
+    with pytest.raises(SystemExit) as err:
+        run_small(out, tmp_path, "--steps", "2")
+    message = str(err.value)
+    assert "already holds a run (metrics.jsonl, checkpoint)" in message
+    assert "--resume" in message and "--overwrite" in message
+    assert all(p.read_bytes() == b for p, b in kept.items())  # nothing lost
+    run_small(out, tmp_path, "--steps", "2", "--overwrite")
+    assert [r["step"] for r in R.read_metrics(out / "metrics.jsonl")] == [0, 1]
+    assert R.find_checkpoint(out) is None  # the old run's checkpoint cannot be resumed by mistake
+    assert len(json.loads((out / "args.json").read_text())["history"]) == 1
+
+
+def test_resume_refuses_other_settings_and_keeps_the_history(tmp_path):
+    out, cache = tmp_path / "run", str(tmp_path / "cache")
+    first = [*RESUME, "--steps", "4", "--save-every", "2", "--out-dir", str(out), "--cache-dir", cache]
+    R.main(first)
+    rows = (out / "metrics.jsonl").read_text()
+    with pytest.raises(SystemExit) as err:  # the last value of a repeated flag wins
+        R.main([*first, "--resume", "--method", "ppl", "--group-size", "2", "--lr", "1e-3"])
+    message = str(err.value)
+    assert message.startswith("error: --resume: this command differs from the run") and "\n" not in message
+    assert "--method 'position' in the run, 'ppl' now" in message
+    assert "--group-size 4 in the run, 2 now" in message
+    assert "--lr 0.0002 in the run, 0.001 now" in message
+    assert "--pos-alpha" not in message  # settings that agree are not named
+    assert (out / "metrics.jsonl").read_text() == rows  # nothing lost
+    # machine and bookkeeping flags may change: --steps extends the run
+    R.main([*first, "--steps", "6", "--micro-batch-size", "3", "--threads", "1", "--resume"])
+    assert [r["step"] for r in R.read_metrics(out / "metrics.jsonl")] == list(range(6))
+    history = json.loads((out / "args.json").read_text())["history"]
+    assert [h["from_step"] for h in history] == [0, 4]
+    assert history[0]["argv"] == first and history[1]["argv"][-1] == "--resume"
+
+
+def test_resume_before_the_checkpoint_step_or_from_a_broken_one_is_refused(tmp_path):
+    out, cache = tmp_path / "run", str(tmp_path / "cache")
+    R.main([*RESUME, "--steps", "4", "--save-every", "4", "--out-dir", str(out), "--cache-dir", cache])
+    with pytest.raises(SystemExit, match="--steps 2 is before the checkpoint's step 4"):
+        R.main([*RESUME, "--steps", "2", "--out-dir", str(out), "--cache-dir", cache, "--resume"])
+    (out / "checkpoint" / "trainer_state.pt").write_bytes(b"not a torch file")
+    with pytest.raises(SystemExit, match="trainer_state.pt cannot be read"):
+        R.main([*RESUME, "--steps", "6", "--out-dir", str(out), "--cache-dir", cache, "--resume"])
+
+
+def test_run_settings_name_only_what_the_method_uses():
+    grpo = R.run_settings(R.parse_args(["--preset", "tiny", "--method", "grpo"]))
+    assert "lambda_epochs" not in grpo and "shape_from" not in grpo and "lr" in grpo
+    stage = R.run_settings(R.parse_args(["--preset", "tiny", "--method", "posneg",
+                                         "--lambda-schedule", "stage"]))
+    assert stage["steps"] == 150 and "pos_weight" not in stage  # lambda follows --steps
+    plateau = R.run_settings(R.parse_args(["--preset", "tiny", "--method", "ppl",
+                                           "--shape-from", "plateau"]))
+    assert plateau["shape_from"] == "plateau"
+
+
+def test_bad_files_and_folders_are_one_sentence(tmp_path):
+    rows = [json.dumps({"question": f"{i}+1", "answer": str(i + 1)}) for i in range(30)]
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("\n".join(rows[:2] + ['{"question": "3+1", "answer": '] + rows[2:]) + "\n")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    folder = tmp_path / "folder.jsonl"
+    folder.mkdir()
+    header_only = tmp_path / "header.csv"
+    header_only.write_text("question,answer\n")
+    broken_json = tmp_path / "broken.json"  # JSON lines in a .json file, one cut short
+    broken_json.write_text(rows[0] + "\n[1, 2\n")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("keep me")
+    common = ["--model", "x", "--eval-size", "5", "--cache-dir", str(tmp_path / "c")]
+    cases = [
+        (["--dataset", str(broken), "--out-dir", str(tmp_path / "o1"), *common],
+         f"error: line 3 of {broken} is not valid JSON"),
+        (["--dataset", str(empty), "--out-dir", str(tmp_path / "o2"), *common],
+         f"error: dataset {empty} is empty"),
+        (["--dataset", str(folder), "--out-dir", str(tmp_path / "o3"), *common],
+         f"error: dataset {folder} is a folder, not a file"),
+        (["--dataset", str(header_only), "--out-dir", str(tmp_path / "o5"), *common],
+         f"error: dataset {header_only} has no rows"),
+        (["--dataset", str(broken_json), "--out-dir", str(tmp_path / "o6"), *common],
+         f"error: line 2 of {broken_json} is not valid JSON"),
+        (["--preset", "tiny", "--out-dir", str(tmp_path / "o7"), "--cache-dir", str(a_file)],
+         f"error: cannot use --cache-dir {a_file}"),
+        (["--preset", "tiny", "--out-dir", str(a_file)], f"error: --out-dir {a_file} is a file"),
+        (["--preset", "tiny", "--out-dir", str(tmp_path / "o4"), "--resume", "--overwrite"],
+         "error: --resume and --overwrite exclude each other"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as err:
+            R.main(argv)
+        assert str(err.value).startswith(message), (argv, str(err.value))
+    assert a_file.read_text() == "keep me"
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 8))
+
+
+def test_read_only_out_dir_is_one_sentence(tmp_path):
+    import os
+
+    if os.geteuid() != 0:
+        folder = tmp_path / "ro"
+        folder.mkdir()
+        folder.chmod(0o555)
+        out = folder / "run"
+    else:  # root writes through file modes; sysfs is read-only even for root
+        out = Path("/sys/rlvr-entropy-test-run")
+        if out.exists() or os.access("/sys", os.F_OK) is False:
+            pytest.skip("no read-only folder to try")
+    with pytest.raises(SystemExit) as err:
+        R.main(["--preset", "tiny", "--out-dir", str(out)])
+    assert str(err.value).startswith(f"error: cannot write to --out-dir {out} (")
+    assert not out.exists()
+
+
+def test_plot_on_missing_or_empty_run_folders(tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "fig.png"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    no_rows = tmp_path / "no-rows"
+    no_rows.mkdir()
+    (no_rows / "metrics.jsonl").write_text("")
+    for folder, message in ((tmp_path / "missing", "does not exist"), (empty, "not a run folder"),
+                            (no_rows, "has no complete rows yet")):
+        with pytest.raises(SystemExit) as err:
+            R.main(["plot", str(folder), "-o", str(png)])
+        assert str(err.value).startswith("error: ") and message in str(err.value)
+    with pytest.raises(SystemExit, match="--smooth must be at least 1"):
+        R.main(["plot", str(empty), "-o", str(png), "--smooth", "0"])
+    assert not png.exists()
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_warmup_and_eval_bars_show_on_a_terminal_only(monkeypatch, tiny):
+    import argparse
+
+    model, tok = tiny
+    problems = R.builtin_task(20, seed=0)
+    args = argparse.Namespace(eval_batch_size=8, reward="math", last_number_fallback=False,
+                              instruction="", max_new_tokens=4, bf16=False)
+    for stream, shown in ((FakeTerminal(), True), (io.StringIO(), False)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        R.supervised_warmup(R.build_tiny_model(tok, 0), tok, problems, 3, 4, 1e-3, 0)
+        R.eval_outcomes(model, tok, problems[:16], args, 1, greedy=True)
+        text = stream.getvalue()
+        assert ("warm-up" in text) == shown and ("eval greedy" in text) == shown
+        assert text.rsplit("\r", 1)[-1].strip() == ""  # transient: the line is cleared
 
 
 def test_seeded_problem_generator_is_reproducible():
@@ -689,6 +896,13 @@ def test_lambda_schedules_by_hand():
     # stage: 0 for steps 0-4, then (k - 5) / (9 - 5) for k = 5..9
     stage = [R.scheduled_lambda("stage", k, steps) for k in range(steps)]
     assert stage == pytest.approx([0, 0, 0, 0, 0, 0, 0.25, 0.5, 0.75, 1.0])
+    # short runs: the last step still reaches 1 (it did not at 1 or 2 steps)
+    assert [R.scheduled_lambda("stage", k, 2) for k in range(2)] == [0.0, 1.0]
+    assert R.scheduled_lambda("stage", 0, 1) == 1.0
+    for n in range(1, 40):
+        lams = [R.scheduled_lambda("stage", k, n) for k in range(n)]
+        assert lams[-1] == 1.0 and all(v == 0.0 for v in lams[:n // 2])
+        assert lams == sorted(lams)
     # epoch: E = 5 parts of 2 steps each -> (e - 1)/4
     epoch = [R.scheduled_lambda("epoch", k, steps, n_epochs=5) for k in range(steps)]
     assert epoch == pytest.approx([0, 0, .25, .25, .5, .5, .75, .75, 1, 1])
@@ -846,9 +1060,10 @@ ids = torch.randint(0, 151936, (4, 512))
 def peak():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KB on Linux
 base = peak()
-if sys.argv[1] == "ours":
-    logp = R.token_logprobs(logits, ids)   # with its autograd graph kept alive
-    ent = R.token_entropy(logits)
+if sys.argv[1].startswith("ours"):
+    T = 0.7 if sys.argv[1] == "ours-tempered" else 1.0
+    logp = R.token_logprobs(logits, ids, T)   # with its autograd graph kept alive
+    ent = R.token_entropy(logits, T)
 else:  # the textbook way
     full = torch.log_softmax(logits, -1)
     logp = full.gather(-1, ids[..., None])[..., 0]
@@ -865,8 +1080,9 @@ def test_token_statistics_memory_against_the_naive_way():
                               capture_output=True, text=True, timeout=300, check=True)
         return float(proc.stdout.strip().splitlines()[-1])
 
-    ours, naive = extra("ours"), extra("naive")
+    ours, tempered, naive = extra("ours"), extra("ours-tempered"), extra("naive")
     assert ours <= 0.3, f"token_logprobs + token_entropy added {ours:.2f}x the logits"
+    assert tempered <= 0.3, f"at T = 0.7 they added {tempered:.2f}x the logits"  # no z / T copy
     assert naive >= 1.5, f"the naive way added only {naive:.2f}x: the probe cannot tell them apart"
 
 
@@ -888,6 +1104,34 @@ def test_bf16_logprobs_match_fp32_in_value_and_gradient():
     # and a plain bf16 logsumexp is measurably worse: the reason for the fp32 fallback
     plain = base.gather(-1, ids[..., None])[..., 0].float() - torch.logsumexp(base, -1).float()
     assert (plain - ref).abs().max() > (ours - ref).abs().max()
+
+
+def test_bf16_logprobs_divide_by_the_temperature_after_the_upcast():
+    # logits [20, 0], token 1, T = 0.7: log pi = -20/0.7 - log(1 + exp(-20/0.7)) = -28.5714...
+    expected = -20 / 0.7 - math.log1p(math.exp(-20 / 0.7))
+    z = torch.tensor([[[20.0, 0.0]]])
+    for dtype in (torch.bfloat16, torch.float32):  # 20 and 0 are exact in bf16
+        got = R.token_logprobs(z.to(dtype), torch.tensor([[1]]), temperature=0.7).item()
+        assert got == pytest.approx(expected, abs=1e-4), dtype  # bf16 first: -28.625
+    # the entropy at T as well: p = softmax([20, 0] / 0.7)
+    p1 = 1 / (1 + math.exp(20 / 0.7))
+    h = -(p1 * math.log(p1) + (1 - p1) * math.log1p(-p1))
+    assert R.token_entropy(z.bfloat16(), 0.7).item() == pytest.approx(h, rel=1e-3)
+
+
+def test_tempered_logprobs_and_gradient_match_log_softmax_of_z_over_t():
+    torch.manual_seed(2)
+    base = torch.randn(2, 5, 40) * 3
+    ids, weights = torch.randint(0, 40, (2, 5)), torch.randn(2, 5)
+    a, b = base.clone().requires_grad_(True), base.clone().requires_grad_(True)
+    ours = R.token_logprobs(a, ids, temperature=0.6, chunk_elems=80)
+    ref = torch.log_softmax(b / 0.6, -1).gather(-1, ids[..., None])[..., 0]
+    (ours * weights).sum().backward()
+    (ref * weights).sum().backward()
+    assert torch.allclose(ours, ref, atol=1e-5)
+    assert torch.allclose(a.grad, b.grad, atol=1e-6)
+    # completion_logits returns raw logits: T is applied by the statistics alone, once
+    assert "temperature" not in R.completion_logits.__code__.co_varnames
 
 
 def test_fp32_logprob_gradient_matches_log_softmax():
@@ -1091,3 +1335,26 @@ def test_plot_and_compare_end_to_end(tmp_path):
         R.main(["plot", str(tmp_path), "-o", str(png)])
     with pytest.raises(SystemExit, match="unknown"):
         R.main(["compare", "--methods", "grpo,nonsense"])
+
+
+def test_compare_reuses_finished_runs_and_refuses_to_mix(tmp_path):
+    pytest.importorskip("matplotlib")
+    out, seed0 = tmp_path / "cmp", tmp_path / "cmp" / "grpo-seed0" / "metrics.jsonl"
+    flags = ["--out-dir", str(out), "--preset", "tiny", "--cache-dir", str(tmp_path / "cache"), *SMALL]
+    R.main(["compare", "--methods", "grpo", "--seeds", "1", *flags])
+    first = seed0.stat().st_mtime_ns
+    R.main(["compare", "--methods", "grpo", "--seeds", "2", *flags])  # trains seed 1 only
+    assert seed0.stat().st_mtime_ns == first
+    assert [r["step"] for r in R.read_metrics(out / "grpo-seed1" / "metrics.jsonl")] == [0, 1, 2]
+    assert "| grpo | 2 |" in (out / "compare.md").read_text()
+    with pytest.raises(SystemExit) as err:  # other settings: refused before any run starts
+        R.main(["compare", "--methods", "grpo", "--seeds", "2", *flags, "--lr", "1e-3"])
+    assert "grpo-seed0 holds a run with other settings (--lr 0.0002 in the run, 0.001 now)" in str(err.value)
+    assert "--overwrite" in str(err.value) and seed0.stat().st_mtime_ns == first
+    R.main(["compare", "--methods", "grpo", "--seeds", "1", "--overwrite", *flags, "--lr", "1e-3"])
+    assert seed0.stat().st_mtime_ns != first
+    assert json.loads((out / "grpo-seed0" / "args.json").read_text())["lr"] == 1e-3
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    with pytest.raises(SystemExit, match="is a file, not a folder"):
+        R.main(["compare", "--methods", "grpo", "--out-dir", str(a_file)])
