@@ -11,21 +11,22 @@ advantage-shaping methods of
       Models", arXiv 2511.05993 (2025): positive/negative-advantage token weights
       ("posneg") with fixed, staged, epoch-wise or entropy-guided lambda.
 
-Read it top to bottom. The core path is sections 1-7:
-data -> reward -> rollout -> log-probs -> advantages -> loss -> step.
-Sections 8-13 cover evaluation (greedy, avg@k, pass@k), the live entropy analysis of [A]
-(training stages, positive vs negative samples, perplexity and position views), the
-built-in tiny model with its warm-up, checkpoints and resume, plots and method
-comparison, and the command line.
+Read it top to bottom. The core path is sections 1-7, and rl_step() in section 7 is one
+RL step, whole: data -> reward -> rollout -> log-probs -> advantages -> loss -> step.
+After it come the grader's rules for reading an answer (8), evaluation with greedy
+accuracy, avg@k and pass@k (9), the training loop around rl_step (10), the live entropy
+analysis of [A] and the metrics row (11), the built-in tiny model, task and warm-up (12),
+checkpoints and resume (13), plots and method comparison (14), and the command line (15).
 
     python rlvr_entropy.py --method ppl                 # tiny preset on CPU, a few minutes
     python rlvr_entropy.py --preset gsm8k --method ppl  # Qwen2.5-0.5B-Instruct on GSM8K, one GPU
     python rlvr_entropy.py compare --methods grpo,ppl,position --seeds 3 --jobs 2
     python rlvr_entropy.py plot runs/tiny-grpo-seed0 runs/tiny-ppl-seed0 -o fig.png
 
-Every function takes tensors and plain values and returns tensors, so you can copy any of
-them into your own trainer. Shapes: B = responses in a batch (= prompts x G), G = group
-size, T = completion length, V = vocabulary size.
+The functions of sections 1-7 take tensors and plain values (StepConfig is a dataclass of
+plain values) and return tensors or plain values. Each can be copied into your own trainer
+with its imports and the helpers its docstring names. Shapes: B = responses in a batch
+(= prompts x G), G = group size, T = completion length, V = vocabulary size.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import shutil
 import signal
 import time
 import unicodedata
+from dataclasses import asdict, dataclass, field, fields
 from fractions import Fraction
 from pathlib import Path
 
@@ -57,7 +59,7 @@ METHODS = ("grpo", "ppl", "position", "posneg")
 # 1. Data
 # Every example is a dict {"question": str, "answer": str}. "answer" is the gold final
 # answer only, for example "18". Three sources: GSM8K from the hub, any local file, and a
-# built-in arithmetic task that is generated in code, so the tiny preset needs no download.
+# built-in arithmetic task generated in code (section 12), so the tiny preset needs no download.
 # =========================================================================================
 
 
@@ -67,45 +69,8 @@ def gold_answer(solution: str) -> str:
     return (tail if sep else solution).strip()
 
 
-def make_arithmetic_problem(rng: random.Random, n_terms: tuple[int, int] = (4, 5),
-                            max_operand: int = 9, max_value: int = 19) -> dict:
-    """One built-in problem. The solution shows its work one operation per step.
-
-    question "7-1+9-7", solution "7-1=6 6+9=15 15-7=8 #### 8", answer "8".
-    Every running value stays in [0, max_value]: a small model then has a table of about
-    200 one-step facts to learn, and what makes a problem hard is chaining them.
-    """
-    value = rng.randint(1, max_operand)
-    question, steps = str(value), []
-    for _ in range(rng.randint(*n_terms) - 1):
-        term = rng.randint(1, max_operand)
-        ops = [op for op, new in (("+", value + term), ("-", value - term)) if 0 <= new <= max_value]
-        op = rng.choice(ops)  # never empty when max_value >= 2 * max_operand
-        new = value + term if op == "+" else value - term
-        question += f"{op}{term}"
-        steps.append(f"{value}{op}{term}={new}")
-        value = new
-    return {"question": question, "solution": " ".join(steps) + f" #### {value}",
-            "answer": str(value)}
-
-
-def builtin_task(n: int, seed: int, exclude: set[str] | None = None) -> list[dict]:
-    """n problems drawn with random.Random(seed), skipping questions in `exclude`.
-
-    The held-out split uses another seed and excludes every training question, so the two
-    splits share no problem.
-    """
-    rng, out, seen = random.Random(seed), [], set(exclude or ())
-    while len(out) < n:
-        p = make_arithmetic_problem(rng)
-        if p["question"] not in seen:
-            seen.add(p["question"])
-            out.append(p)
-    return out
-
-
 def load_gsm8k(split: str) -> list[dict]:
-    """GSM8K ('main' config) from the Hugging Face hub: question + gold answer after '####'."""
+    """GSM8K ('main' config) from the Hugging Face hub: question + gold answer (gold_answer)."""
     from datasets import load_dataset
 
     rows = load_dataset("openai/gsm8k", "main", split=split)
@@ -116,7 +81,7 @@ def load_local_dataset(path: str, question_field: str = "question",
                        answer_field: str = "answer") -> list[dict]:
     """A .jsonl / .json / .parquet / .csv file with one problem per row.
 
-    If the answer field holds a worked solution with '####', the part after it is used.
+    If the answer field holds a worked solution with '####', gold_answer takes the part after it.
     Raises ValueError naming the first row that lacks a field.
     """
     from datasets import load_dataset
@@ -152,9 +117,9 @@ def load_local_dataset(path: str, question_field: str = "question",
         raise ValueError(f"dataset {path} has no rows")
     out = []
     for i, r in enumerate(rows):
-        for field in (question_field, answer_field):
-            if r.get(field) is None or str(r[field]).strip() == "":
-                raise ValueError(f"row {i} of {path} has no field '{field}' "
+        for key in (question_field, answer_field):
+            if r.get(key) is None or str(r[key]).strip() == "":
+                raise ValueError(f"row {i} of {path} has no field '{key}' "
                                  f"(set --question-field / --answer-field)")
         out.append({"question": str(r[question_field]),
                     "answer": gold_answer(str(r[answer_field]))})
@@ -188,6 +153,562 @@ def build_prompt(tokenizer, question: str, instruction: str = "") -> str:
 # compared as exact rationals; anything else as a normalised string. The model's text is
 # never evaluated. Every regex has no nested quantifiers and every scan is a bounded or
 # single pass, so grading is linear-time on any input.
+# =========================================================================================
+
+
+def math_reward(completion: str, gold: str, last_number_fallback: bool = False) -> float:
+    """Verifiable reward r in {0, 1}: does the response's final answer equal the gold one?
+    Two numbers are compared exactly; a number never equals a non-number (so '1 8' is not
+    18); two non-numbers are compared as normalised strings. Uses extract_answer,
+    normalize_answer and parse_number (section 8)."""
+    pred = extract_answer(completion, last_number_fallback)
+    if pred is None:
+        return 0.0
+    p, g = normalize_answer(pred), normalize_answer(gold)
+    pn, gn = parse_number(p), parse_number(g)
+    if pn is not None or gn is not None:
+        return float(pn == gn)
+    return float(p != "" and p == g)
+
+
+# =========================================================================================
+# 3. Rollouts
+# G responses per prompt, sampled in one batched model.generate call with the KV cache.
+# Prompts are left-padded so every prompt ends at the same column and the completions
+# start together. Each prompt's G copies sit next to each other: rows g*G .. g*G+G-1.
+# =========================================================================================
+
+
+@torch.no_grad()
+def generate_rollouts(model, tokenizer, prompts: list[str], group_size: int,
+                      max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
+                      greedy: bool = False, eos_token_ids: list[int] | None = None) -> dict:
+    """Sample `group_size` completions for each prompt.
+
+    Returns a dict of tensors on the model's device:
+      input_ids       (B, P+T)  prompt + completion; B = len(prompts) * group_size
+      attention_mask  (B, P+T)  1 on prompt tokens and valid completion tokens
+      completion_ids  (B, T)
+      completion_mask (B, T)    1.0 up to and including the first EOS, 0.0 after it
+      truncated       (B,)      True if the response hit max_new_tokens without an EOS
+    (both masks from completion_mask_from_ids)
+    """
+    device = next(model.parameters()).device
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    prompt_ids = enc.input_ids.repeat_interleave(group_size, 0).to(device)
+    prompt_mask = enc.attention_mask.repeat_interleave(group_size, 0).to(device)
+    eos = eos_token_ids or [tokenizer.eos_token_id]
+    # Every sampling knob is passed explicitly: values left unset would be taken from the
+    # checkpoint's generation_config (Qwen instruct ships top_k=20, repetition_penalty>1),
+    # and then the sampler would not be the policy pi whose log-probs we train on.
+    sampling = {"do_sample": False, "repetition_penalty": 1.0} if greedy else {
+        "do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0,
+        "min_p": None, "typical_p": 1.0, "repetition_penalty": 1.0}
+    was_training = model.training
+    model.eval()
+    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
+                         max_new_tokens=max_new_tokens, eos_token_id=eos,
+                         pad_token_id=tokenizer.pad_token_id, use_cache=True, **sampling)
+    model.train(was_training)
+    completion_ids = out[:, prompt_ids.shape[1]:]
+    completion_mask, truncated = completion_mask_from_ids(completion_ids, eos)
+    return {"input_ids": out, "attention_mask": torch.cat([prompt_mask, completion_mask.long()], 1),
+            "completion_ids": completion_ids, "completion_mask": completion_mask,
+            "truncated": truncated}
+
+
+def completion_mask_from_ids(completion_ids: torch.Tensor,
+                             eos_token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids -> mask (B, T) float, 1.0 up to and including the first EOS, and
+    truncated (B,) bool, True where no EOS was generated. generate() pads finished rows
+    with pad tokens, which may equal EOS, so only the first EOS counts."""
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_token_ids, device=completion_ids.device))
+    eos_before = is_eos.int().cumsum(1) - is_eos.int()  # EOS tokens strictly before t
+    return (eos_before == 0).float(), ~is_eos.any(1)
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """All ids that end a response: the generation config may list several (Qwen instruct
+    stops at <|im_end|> and <|endoftext|>)."""
+    ids = getattr(model.generation_config, "eos_token_id", None)
+    ids = ids if ids is not None else tokenizer.eos_token_id
+    return sorted(set(ids if isinstance(ids, list) else [ids]))
+
+
+def decode_completions(tokenizer, rollout: dict) -> list[str]:
+    """Text of each valid completion (up to its first EOS), special tokens dropped."""
+    lengths = rollout["completion_mask"].sum(1).long().tolist()
+    return [tokenizer.decode(ids[:n], skip_special_tokens=True)
+            for ids, n in zip(rollout["completion_ids"].tolist(), lengths)]
+
+
+def autocast_ctx(device: torch.device, bf16: bool):
+    """bf16 autocast on CUDA. The weights and AdamW state stay fp32: at lr 1e-6 most
+    updates are below bf16's resolution and pure-bf16 weights would not move."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
+
+
+def sample_responses(model, tokenizer, questions: list[str], group_size: int, max_new_tokens: int,
+                     temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
+                     instruction: str = "", eos_ids: list[int] | None = None,
+                     bf16: bool = False) -> tuple[dict, list[str]]:
+    """questions -> prompts (build_prompt) -> group_size responses each (generate_rollouts,
+    stopping at eos_token_ids, under autocast_ctx) -> (rollout, the B texts from
+    decode_completions). Used by both the RL step and evaluation."""
+    device = next(model.parameters()).device
+    prompts = [build_prompt(tokenizer, q, instruction) for q in questions]
+    with autocast_ctx(device, bf16):
+        rollout = generate_rollouts(model, tokenizer, prompts, group_size, max_new_tokens,
+                                    temperature, top_p, greedy=greedy,
+                                    eos_token_ids=eos_ids or eos_token_ids(model, tokenizer))
+    return rollout, decode_completions(tokenizer, rollout)
+
+
+# =========================================================================================
+# 4. Token statistics: log-probs, entropy, perplexity
+#   log pi(o_t)  = z[o_t] - logsumexp(z),  z = logits / temperature (applied once, in fp32)
+#   H_t          = -sum_v pi(v) log pi(v)                 (the whole vocabulary)
+#   log_ppl(o_i) = -(1/|o_i|) sum_t log pi(o_{i,t}),  PPL = exp(log_ppl)    (as in [A])
+# =========================================================================================
+
+
+def completion_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      n_completion: int) -> torch.Tensor:
+    """Raw logits z that predict the last `n_completion` tokens: (B, T, V).
+
+    logits_to_keep skips the LM head on prompt positions, which saves a (B, P, V) tensor.
+    Position ids are cumsum(mask) - 1, the same ids generate() used on left-padded
+    prompts. Without them the recomputed log-probs would not match the sampler's.
+    The temperature is *not* applied here: token_logprobs and token_entropy apply it, once,
+    chunk by chunk in fp32 (dividing bf16 logits by T would round them first).
+    """
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                logits_to_keep=n_completion + 1, use_cache=False)
+    return out.logits[:, :-1]  # position t predicts token t+1, so drop the last one
+
+
+def logit_chunks(logits: torch.Tensor, chunk_elems: int = 2**24) -> list[torch.Tensor]:
+    """Split (B, T, V) into (n, V) views of at most ~chunk_elems logits, row by row.
+
+    Views, never copies: `logits.reshape(-1, V)` would copy, because the logits of
+    completion_logits are a slice (not contiguous). 2**24 fp32 logits are 64 MB."""
+    n = max(1, chunk_elems // logits.shape[-1])
+    return [chunk for row in logits for chunk in row.split(n)]
+
+
+def _scaled(z: torch.Tensor, temperature: float) -> torch.Tensor:
+    """z / T in at least fp32 (fp64 stays fp64): the upcast comes before the division."""
+    z = z.to(torch.promote_types(z.dtype, torch.float32))
+    return z / temperature if temperature != 1.0 else z
+
+
+def _scaled_logsumexp(chunk: torch.Tensor, temperature: float) -> torch.Tensor:
+    return torch.logsumexp(_scaled(chunk, temperature), -1)
+
+
+def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor,
+                   temperature: float = 1.0, chunk_elems: int = 2**24) -> torch.Tensor:
+    """log pi(token) for each position: (B, T, V) raw logits, (B, T) -> (B, T), differentiable.
+
+    log pi(o_t) = z[o_t] / T - logsumexp(z / T). No log_softmax tensor is built, and
+    logsumexp runs a chunk at a time because it allocates an exp() temporary the size of
+    its input. T is the *sampling* temperature: the responses were drawn from
+    softmax(z / T), so that is the behaviour policy (at T = 1 here the ratio
+    pi_new / pi_old would be != 1 even on-policy and the clip would fire for no reason).
+    Each chunk is upcast to fp32 *before* the division by T (bf16 would round z / T), under
+    activation checkpointing whenever that makes a new tensor (bf16/fp16 logits, or T != 1),
+    so that backward recomputes the chunk instead of keeping it: autograd then holds only
+    the logits (which exist anyway) and (B, T) results, never a second (B, T, V) copy.
+    Result: fp32 (fp64 for fp64 logits). Helpers: logit_chunks, _scaled, _scaled_logsumexp.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    picked = _scaled(logits.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1), temperature)
+    copies = temperature != 1.0 or logits.dtype not in (torch.float32, torch.float64)
+    lse = [checkpoint(_scaled_logsumexp, c, temperature, use_reentrant=False)
+           if copies and c.requires_grad else _scaled_logsumexp(c, temperature)
+           for c in logit_chunks(logits, chunk_elems)]
+    return picked - torch.cat(lse).view(picked.shape)
+
+
+@torch.no_grad()
+def token_entropy(logits: torch.Tensor, temperature: float = 1.0,
+                  chunk_elems: int = 2**24) -> torch.Tensor:
+    """H_t = -sum_v p_v log p_v, p = softmax(z / T), over the full vocabulary:
+    (B, T, V) raw logits -> (B, T), fp32 (fp64 for fp64 logits).
+
+    Computed under no_grad (entropy is measured, not trained), one chunk of positions at a
+    time, so the fp32 log-softmax never exists for the whole batch (B*T*V*4 bytes: 5 GB
+    at 8 x 1024 tokens of Qwen). Reuses the same logits as token_logprobs. Helpers:
+    logit_chunks, _scaled.
+    """
+    out = []
+    for chunk in logit_chunks(logits, chunk_elems):
+        logp = torch.log_softmax(_scaled(chunk, temperature), -1)
+        out.append(-(logp.exp().mul_(logp)).sum(-1))
+    return torch.cat(out).view(logits.shape[:-1])
+
+
+def sequence_log_ppl(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log PPL(o_i) = -(sum_t mask * log pi) / |o_i|: (B, T), (B, T) -> (B,)."""
+    return -(logprobs * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float | None:
+    """Mean of x over mask == 1, or None if the mask is empty (None is JSON-safe, NaN is not)."""
+    n = mask.sum()  # where(), not x * mask: an inf outside the mask must not become NaN
+    return torch.where(mask > 0, x, 0).sum().item() / n.item() if n > 0 else None
+
+
+# =========================================================================================
+# 5. Advantages: GRPO, then the shaping methods of paper [A]
+# GRPO (Shao et al. 2024) needs no value network. It compares each response with the other
+# G - 1 answers to the same prompt:
+#   A_i = (r_i - mean_g r) / (std_g r + eps)        (std unbiased, eps = 1e-6, as released)
+# Dr. GRPO (Liu et al. 2025) drops the std division (--no-std-scaling). A group whose G
+# rewards are all equal has A = 0 for every response: it teaches nothing this step. We
+# count these groups (zero_var_frac) because they grow as the policy saturates.
+# =========================================================================================
+
+
+def grpo_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool = True,
+                    eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """rewards (B,) -> advantages (B,), zero_variance (B // G,) bool."""
+    r = rewards.view(-1, group_size)
+    centered = r - r.mean(1, keepdim=True)
+    if scale_by_std:
+        centered = centered / (r.std(1, keepdim=True) + eps)
+    zero_variance = (r == r[:, :1]).all(1)
+    return centered.masked_fill(zero_variance[:, None], 0.0).reshape(-1), zero_variance
+
+
+# --- Method A1, perplexity-based shaping ("ppl") -----------------------------------------
+#   l_i = log PPL under pi_old;  per group: Q1, Q3, IQR = Q3 - Q1;
+#   mu, sigma = mean and population std of the l_i inside [Q1 - 1.5 IQR, Q3 + 1.5 IQR]
+#   z_i = (l_i - mu) / sigma  (for every response);  A'_{i,t} = A_{i,t} clamp(1 - alpha z_i, 0.8, 1.2)
+# Low-perplexity responses (z < 0) get weight > 1. The released script (low_ppl.sh) computes
+# this weight but never multiplies it in (see README). We apply it, as the paper intends.
+
+
+def ppl_weights(log_ppl: torch.Tensor, group_size: int, alpha: float = 0.01,
+                clip_range: tuple[float, float] = (0.8, 1.2)) -> torch.Tensor:
+    """Per-response advantage weight from a robust z-score of log-PPL: (B,) -> (B,)."""
+    x = log_ppl.float().view(-1, group_size)
+    q1, q3 = torch.quantile(x, 0.25, dim=1, keepdim=True), torch.quantile(x, 0.75, dim=1, keepdim=True)
+    iqr = q3 - q1
+    keep = (x >= q1 - 1.5 * iqr) & (x <= q3 + 1.5 * iqr)  # outliers out of the statistics only
+    keep = keep | ~keep.any(1, keepdim=True)             # if none survive, use all
+    n = keep.sum(1, keepdim=True)
+    mu = (x * keep).sum(1, keepdim=True) / n
+    sigma = (((x - mu) ** 2 * keep).sum(1, keepdim=True) / n).sqrt()
+    sigma = torch.where(sigma <= 1e-6, torch.ones_like(sigma), sigma)
+    z = (x - mu) / sigma
+    return (1 - alpha * z).clamp(*clip_range).reshape(-1)
+
+
+# --- Method A2, position-based shaping ("position") --------------------------------------
+#   p_{i,t} = t / |o_i|  (t counts valid tokens from 0);  b = min(alpha sigmoid(k (p - 0.5)), 0.5 |A|)
+#   A'_{i,t} = A_{i,t} + sign(A_{i,t}) b_{i,t}
+# Late tokens of a correct response get more credit, late tokens of a wrong one more blame.
+
+
+def position_shaped_advantages(advantages: torch.Tensor, mask: torch.Tensor,
+                               alpha: float = 0.1, k: float = 15.0) -> torch.Tensor:
+    """Token advantages (B, T) plus the sign-following end-of-response bonus -> (B, T).
+
+    Completion tokens are contiguous from column 0, so token t's index is t itself.
+    """
+    length = mask.sum(1, keepdim=True).clamp(min=1)
+    p = torch.arange(mask.shape[1], device=mask.device)[None, :] / length
+    bonus = torch.minimum(alpha * torch.sigmoid(k * (p - 0.5)), 0.5 * advantages.abs())
+    return (advantages + torch.sign(advantages) * bonus.detach()) * mask
+
+
+def shaping_active(method: str, step: int, shape_from: int, shape_until: int) -> bool:
+    """The shaping methods of [A] act inside [shape_from, shape_until); GRPO elsewhere."""
+    return method in ("ppl", "position") and shape_from <= step < shape_until
+
+
+# =========================================================================================
+# 6. Loss: the PPO-clipped token objective with Clip-Higher (DAPO)
+#   ratio = pi_theta(o_t) / pi_old(o_t)
+#   L_t   = -min(ratio A_t, clip(ratio, 1 - eps_low, 1 + eps_high) A_t)
+# eps_high > eps_low (0.28 vs 0.2) leaves more room to raise unlikely tokens: the
+# standard guard against entropy collapse.
+# Aggregation: token-mean = sum over all valid tokens / their count (long responses
+# count more); seq-mean-token-mean = the mean over responses of each response's token mean.
+# Both take explicit denominators, so that micro-batches summed with gradient accumulation
+# give exactly the full mini-batch's gradient.
+# =========================================================================================
+
+
+def clipped_token_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
+                       advantages: torch.Tensor, clip_low: float = 0.2,
+                       clip_high: float = 0.28) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token clipped surrogate loss and ratio: (B, T) x 3 -> (B, T), (B, T)."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * advantages
+    return -torch.minimum(unclipped, clipped), ratio
+
+
+def aggregate_loss(token_loss: torch.Tensor, mask: torch.Tensor, loss_agg: str = "token-mean",
+                   n_tokens: float | None = None, n_seqs: float | None = None) -> torch.Tensor:
+    """(B, T) token losses -> scalar. n_tokens / n_seqs default to this batch's own counts;
+    pass the mini-batch totals when this is one micro-batch of it."""
+    if loss_agg == "token-mean":
+        return (token_loss * mask).sum() / (n_tokens if n_tokens is not None else mask.sum())
+    if loss_agg == "seq-mean-token-mean":
+        per_seq = (token_loss * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return per_seq.sum() / (n_seqs if n_seqs is not None else mask.shape[0])
+    raise ValueError(f"unknown loss aggregation {loss_agg!r}")
+
+
+@torch.no_grad()
+def clip_stats(ratio: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+               clip_low: float, clip_high: float) -> dict[str, float]:
+    """Token fractions where the clip removed the gradient, and the k3 estimate of
+    KL(pi_old || pi_theta) = E[(ratio - 1) - log ratio] (Schulman 2020), as masked_mean."""
+    low = ((advantages < 0) & (ratio < 1 - clip_low)).float()
+    high = ((advantages > 0) & (ratio > 1 + clip_high)).float()
+    kl = (ratio - 1) - torch.log(ratio)
+    return {"clip_frac_low": masked_mean(low, mask) or 0.0,
+            "clip_frac_high": masked_mean(high, mask) or 0.0,
+            "approx_kl": masked_mean(kl, mask) or 0.0}
+
+
+# --- Method B, positive/negative-advantage reweighting ("posneg") -----------------------
+# Why positive advantages collapse entropy ([B]): for the unclipped token objective, the
+# gradient on the logit of vocabulary entry v at step t is
+#     sampled v:  ratio_t (1 - pi(v)) A_t        any other v:  -ratio_t pi(v) A_t
+# With A > 0 the sampled token (usually already likely) gains mass taken from all others,
+# so the distribution sharpens. With A < 0 the sampled token loses mass that spreads over
+# the rest, so it flattens. Weighting positive-advantage tokens by lambda < 1 tilts this
+# balance towards keeping entropy:
+#     w_{i,t} = lambda if A_{i,t} > 0,  neg_weight if A_{i,t} < 0,  else 1;  L'_t = w_t L_t
+
+
+def posneg_token_weights(advantages: torch.Tensor, pos_weight: float,
+                         neg_weight: float = 1.0) -> torch.Tensor:
+    """Per-token loss weights from the advantage's sign: (B, T) -> (B, T)."""
+    ones = torch.ones_like(advantages)
+    return torch.where(advantages > 0, pos_weight * ones,
+                       torch.where(advantages < 0, neg_weight * ones, ones))
+
+
+def scheduled_lambda(schedule: str, step: int, total_steps: int, fixed: float = 1.0,
+                     n_epochs: int = 2) -> float:
+    """lambda at `step` (0-indexed) for the step-driven schedules of [B]:
+      fixed:  lambda = fixed
+      stage:  0 for the first half of the run, then linear from 0 up to 1 at the last step
+      epoch:  (e - 1) / (E - 1) in epoch e of E, the run cut into E equal parts of steps
+    """
+    if schedule == "fixed":
+        return fixed
+    if schedule == "stage":
+        half, ramp = total_steps // 2, total_steps - 1 - total_steps // 2
+        if step < half:
+            return 0.0
+        return 1.0 if ramp <= 0 else min(1.0, (step - half) / ramp)  # ramp 0: one step, at 1
+    if schedule == "epoch":
+        epoch = 1 + step * n_epochs // total_steps  # 1 .. E
+        return (epoch - 1) / (n_epochs - 1)
+    raise ValueError(f"unknown lambda schedule {schedule!r}")
+
+
+def entropy_guided_lambda(pos_weight: float, entropy: float, target: float = 0.2,
+                          step_size: float = 0.05) -> float:
+    """[B]'s recommended controller, run after each step k with batch entropy H_k:
+    lambda_{k+1} = clip(lambda_k - step, 0, 1) if H_k < target, else clip(lambda_k + step, 0, 1).
+    Entropy too low -> weaker positive updates -> entropy rises, and the reverse."""
+    pos_weight = pos_weight - step_size if entropy < target else pos_weight + step_size
+    return min(1.0, max(0.0, pos_weight))
+
+
+# =========================================================================================
+# 7. One RL step: the algorithm, top to bottom
+# rl_step() is GRPO with the shaping of [A] and the token weights of [B], and nothing else:
+#   sample G responses per prompt (3) -> reward them (2) -> old log-probs and entropy, no
+#   grad (4) -> advantages A_i, shaped (5) -> clipped-loss updates over mini-batches (6).
+# Evaluation, logging, checkpoints and signals live in the training loop (section 10).
+# =========================================================================================
+
+
+@dataclass
+class StepConfig:
+    """The plain values one RL step needs; each is the flag of the same name."""
+    method: str = "grpo"
+    group_size: int = 8
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_p: float = 1.0
+    instruction: str = ""
+    no_std_scaling: bool = False
+    ppl_alpha: float = 0.01
+    pos_alpha: float = 0.1
+    pos_k: float = 15.0
+    neg_weight: float = 1.0
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    loss_agg: str = "token-mean"
+    updates_per_batch: int = 1
+    mini_batches: int = 1
+    micro_batch_size: int = 0  # rows per forward pass; 0 = the whole mini-batch
+    max_grad_norm: float = 1.0
+    bf16: bool = False
+
+
+def length_grouped(rows: torch.Tensor, lengths: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """Split row indices into micro-batches of `size` rows of similar response length,
+    longest first. Each is then cut to its own longest response (see trimmed_rows): every
+    padded position would cost a full forward and backward. Gradient accumulation makes
+    the update independent of how rows are grouped."""
+    return list(rows[lengths[rows].argsort(descending=True, stable=True)].split(size))
+
+
+def trimmed_rows(rollout: dict, idx: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and attention_mask of rows `idx`, cut after `length` completion tokens.
+    Exact: the cut positions are padding after EOS, and a causal model never looks ahead."""
+    end = rollout["input_ids"].shape[1] - rollout["completion_ids"].shape[1] + length
+    return rollout["input_ids"][idx, :end], rollout["attention_mask"][idx, :end]
+
+
+def micro_batch_logits(model, rollout: dict, rows: torch.Tensor, micro_batch_size: int,
+                       bf16: bool = False):
+    """The one micro-batched forward pass, shared by the no-grad pass and the update:
+    yields (idx, n, logits) for each micro-batch of `rows` from length_grouped (size 0: all
+    at once), logits (b, n, V) raw (completion_logits under autocast_ctx), cut by
+    trimmed_rows to its longest response n."""
+    lengths = rollout["completion_mask"].sum(1).long()
+    for idx in length_grouped(rows, lengths, micro_batch_size or len(rows)):
+        n = int(lengths[idx].max())
+        with autocast_ctx(rows.device, bf16):
+            yield idx, n, completion_logits(model, *trimmed_rows(rollout, idx, n), n)
+
+
+@torch.no_grad()
+def old_policy_stats(model, rollout: dict, temperature: float, micro_batch_size: int,
+                     bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi_old and entropy of every completion token under the sampling policy, no graph:
+    (B, T), (B, T); 0 after each EOS. Uses micro_batch_logits, token_logprobs, token_entropy."""
+    comp, mask = rollout["completion_ids"], rollout["completion_mask"]
+    logps = ents = None
+    for idx, n, logits in micro_batch_logits(model, rollout, torch.arange(len(comp), device=comp.device),
+                                             micro_batch_size, bf16):
+        lp, h = token_logprobs(logits, comp[idx, :n], temperature), token_entropy(logits, temperature)
+        if logps is None:
+            logps, ents = lp.new_zeros(mask.shape), h.new_zeros(mask.shape)
+        logps[idx, :n], ents[idx, :n] = lp, h
+    return logps, ents
+
+
+def policy_update(model, optimizer, rollout: dict, old_logp: torch.Tensor, advantages: torch.Tensor,
+                  token_weights: torch.Tensor, cfg: StepConfig, n_passes: int) -> dict:
+    """n_passes (updates_per_batch) passes, each over `mini_batches` random mini-batches;
+    one optimizer step per mini-batch, its gradient accumulated over micro-batches with the
+    mini-batch's own denominators (aggregate_loss). Forward: micro_batch_logits, then
+    token_logprobs; loss of token t: w_t * L_t, L_t from clipped_token_loss.
+    An update whose loss is not finite is skipped, never written into the weights.
+    Returns mean loss, clip fractions and approx KL (clip_stats), grad norms, counts."""
+    mask, comp = rollout["completion_mask"], rollout["completion_ids"]
+    B = mask.shape[0]
+    passes = cfg.updates_per_batch * cfg.mini_batches  # optimizer steps planned: stats are their mean
+    stats = {"loss": 0.0, "clip_frac_low": 0.0, "clip_frac_high": 0.0, "approx_kl": 0.0}
+    grad_norms, skipped, optimizer_s = [], 0, 0.0
+    model.train()
+    for _ in range(n_passes):
+        for mini_batch in torch.randperm(B, device=mask.device).chunk(cfg.mini_batches):
+            n_tokens, n_seqs = mask[mini_batch].sum(), float(len(mini_batch))
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum, finite = 0.0, True
+            for idx, n, logits in micro_batch_logits(model, rollout, mini_batch, cfg.micro_batch_size, cfg.bf16):
+                logp = token_logprobs(logits, comp[idx, :n], cfg.temperature)
+                adv, m = advantages[idx, :n], mask[idx, :n]
+                token_loss, ratio = clipped_token_loss(logp, old_logp[idx, :n], adv,
+                                                       cfg.clip_low, cfg.clip_high)
+                loss = aggregate_loss(token_loss * token_weights[idx, :n], m, cfg.loss_agg,
+                                      n_tokens, n_seqs)
+                if not torch.isfinite(loss):
+                    finite = False
+                    break
+                loss.backward()
+                loss_sum += loss.item()
+                tokens_share = m.sum().item() / max(n_tokens.item(), 1) / passes
+                for key, v in clip_stats(ratio, adv, m, cfg.clip_low, cfg.clip_high).items():
+                    stats[key] += v * tokens_share
+            if not finite:
+                skipped += 1
+                optimizer.zero_grad(set_to_none=True)
+                continue
+            tic = time.perf_counter()
+            grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm).item())
+            optimizer.step()
+            optimizer_s += time.perf_counter() - tic
+            stats["loss"] += loss_sum
+    stats["loss"] /= max(len(grad_norms), 1)
+    return {**stats, "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else None,
+            "n_updates": len(grad_norms), "skipped_updates": skipped, "optimizer_s": optimizer_s}
+
+
+def rl_step(model, tokenizer, optimizer, questions: list[str], golds: list[str], cfg: StepConfig,
+            reward_fn=math_reward, eos_ids: list[int] | None = None, pos_weight: float = 1.0,
+            shaping: bool = False, now=time.perf_counter) -> dict:
+    """One step of RL on len(questions) prompts x G responses (B rows). `pos_weight` is
+    lambda of [B] (posneg); `shaping` turns on [A]'s ppl / position shaping this step.
+    In order: sample_responses, reward_fn, old_policy_stats and sequence_log_ppl,
+    grpo_advantages shaped by ppl_weights or position_shaped_advantages,
+    posneg_token_weights, policy_update. Returns the step's tensors (rollout, rewards (B,),
+    old_logp, entropy (B, T), log_ppl (B,), advantages (B, T), ...), the policy_update
+    stats, and seconds per phase."""
+    device, G = next(model.parameters()).device, cfg.group_size
+    t = [now()]
+    # rollouts (section 3): G samples per prompt from pi_old, rows g*G .. g*G+G-1
+    rollout, texts = sample_responses(model, tokenizer, questions, G, cfg.max_new_tokens,
+                                      cfg.temperature, cfg.top_p, False, cfg.instruction,
+                                      eos_ids, cfg.bf16)
+    mask = rollout["completion_mask"]
+    t.append(now())
+    # verifiable rewards (section 2); a NaN reward must not reach the weights
+    rewards = torch.tensor([reward_fn(t, g) for t, g in zip(texts, [g for g in golds for _ in range(G)])],
+                           device=device)
+    rewards_ok = bool(torch.isfinite(rewards).all())
+    rewards = torch.nan_to_num(rewards, nan=0.0, posinf=0.0, neginf=0.0)
+    t.append(now())
+    # log pi_old, entropy and log-PPL under the sampling policy (section 4)
+    old_logp, entropy = old_policy_stats(model, rollout, cfg.temperature, cfg.micro_batch_size, cfg.bf16)
+    log_ppl = sequence_log_ppl(old_logp, mask)
+    t.append(now())
+    # advantages (section 5): GRPO's A_i for every token of response i, then [A]'s shaping
+    adv_seq, zero_var = grpo_advantages(rewards, G, not cfg.no_std_scaling)
+    advantages = adv_seq[:, None] * mask
+    ppl_weight = torch.ones_like(adv_seq)
+    if shaping and cfg.method == "ppl":  # A'_{i,t} = A_{i,t} clamp(1 - alpha z_i, 0.8, 1.2)
+        ppl_weight = ppl_weights(log_ppl, G, cfg.ppl_alpha)
+        advantages = advantages * ppl_weight[:, None]
+    if shaping and cfg.method == "position":  # A' = A + sign(A) min(alpha sigmoid(k (p - .5)), |A|/2)
+        advantages = position_shaped_advantages(advantages, mask, cfg.pos_alpha, cfg.pos_k)
+    token_weights = torch.ones_like(advantages)
+    if cfg.method == "posneg":  # [B]: w = lambda where A > 0, neg_weight where A < 0
+        token_weights = posneg_token_weights(advantages, pos_weight, cfg.neg_weight)
+    # clipped-loss updates (section 6); none at all when a reward was not finite
+    update = policy_update(model, optimizer, rollout, old_logp, advantages, token_weights, cfg,
+                           cfg.updates_per_batch if rewards_ok else 0)
+    update["skipped_updates"] += not rewards_ok
+    t.append(now())
+    phases = {"rollout": t[1] - t[0], "reward": t[2] - t[1], "old_logp": t[3] - t[2],
+              "optimizer": update["optimizer_s"], "loss_backward": t[4] - t[3] - update["optimizer_s"]}
+    return {"rollout": rollout, "texts": texts, "rewards": rewards, "rewards_ok": rewards_ok,
+            "old_logp": old_logp, "entropy": entropy, "log_ppl": log_ppl, "zero_var": zero_var,
+            "advantages": advantages, "ppl_weight": ppl_weight, "token_weights": token_weights,
+            "shaping": shaping, "update": update, "phases": phases}
+
+
+# =========================================================================================
+# 8. Reading the final answer: the grader's rules behind math_reward (section 2)
+# extract_answer finds the last final-answer marker, normalize_answer turns what it read into
+# a canonical number or string, and parse_number makes it an exact Fraction. Linear-time on
+# any input. The README's "The reward" tables list what is accepted, and why.
 # =========================================================================================
 
 _NUMBER = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:/[0-9]+)?")
@@ -395,20 +916,6 @@ def parse_number(s: str) -> Fraction | None:
         return None
 
 
-def math_reward(completion: str, gold: str, last_number_fallback: bool = False) -> float:
-    """Verifiable reward r in {0, 1}: does the response's final answer equal the gold one?
-    Two numbers are compared exactly; a number never equals a non-number (so '1 8' is not
-    18); two non-numbers are compared as normalised strings."""
-    pred = extract_answer(completion, last_number_fallback)
-    if pred is None:
-        return 0.0
-    p, g = normalize_answer(pred), normalize_answer(gold)
-    pn, gn = parse_number(p), parse_number(g)
-    if pn is not None or gn is not None:
-        return float(pn == gn)
-    return float(p != "" and p == g)
-
-
 def math_verify_reward(completion: str, gold: str) -> float:
     """The same reward judged by the `math-verify` library, for LaTeX answers (MATH-style).
     It is an optional dependency: pip install math-verify."""
@@ -425,350 +932,83 @@ def reward_function(name: str = "math", last_number_fallback: bool = False):
 
 
 # =========================================================================================
-# 3. Rollouts
-# G responses per prompt, sampled in one batched model.generate call with the KV cache.
-# Prompts are left-padded so every prompt ends at the same column and the completions
-# start together. Each prompt's G copies sit next to each other: rows g*G .. g*G+G-1.
+# 9. Evaluation: greedy accuracy, and avg@k / pass@k as the papers report them
+#   avg@k  = mean over problems of c/k                (c correct among k samples)
+#   pass@k = mean over problems of 1 - C(n-c, k) / C(n, k)   (Chen et al. 2021, unbiased;
+#            with n = k samples it is the share of problems solved at least once)
 # =========================================================================================
 
 
 @torch.no_grad()
-def generate_rollouts(model, tokenizer, prompts: list[str], group_size: int,
-                      max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
-                      greedy: bool = False, eos_token_ids: list[int] | None = None) -> dict:
-    """Sample `group_size` completions for each prompt.
+def eval_outcomes(model, tokenizer, problems: list[dict], k: int, max_new_tokens: int,
+                  instruction: str = "", reward_fn=math_reward, batch_size: int = 256,
+                  bf16: bool = False, eos_ids: list[int] | None = None, greedy: bool = False,
+                  temperature: float = 1.0, top_p: float = 1.0) -> list[list[float]]:
+    """1.0 / 0.0 (solved or not) for k responses to each problem: one list of k per problem.
+    Responses come from sample_responses, batch_size at a time."""
+    from tqdm import tqdm
 
-    Returns a dict of tensors on the model's device:
-      input_ids       (B, P+T)  prompt + completion; B = len(prompts) * group_size
-      attention_mask  (B, P+T)  1 on prompt tokens and valid completion tokens
-      completion_ids  (B, T)
-      completion_mask (B, T)    1.0 up to and including the first EOS, 0.0 after it
-      truncated       (B,)      True if the response hit max_new_tokens without an EOS
-    """
+    outcomes = []
+    per_batch = max(1, batch_size // k)
+    # A transient bar, shown only on a terminal: the training bar and the log stay clean.
+    for i in tqdm(range(0, len(problems), per_batch), desc="eval greedy" if greedy else f"eval {k} samples each",
+                  leave=False, disable=None, dynamic_ncols=True):
+        chunk = problems[i:i + per_batch]
+        _, texts = sample_responses(model, tokenizer, [p["question"] for p in chunk], k, max_new_tokens,
+                                    temperature, top_p, greedy, instruction, eos_ids, bf16)
+        # solved = reward above 0.5 (a NaN from a broken reward counts as unsolved)
+        outcomes += [[float(reward_fn(texts[j * k + g], p["answer"]) > 0.5) for g in range(k)]
+                     for j, p in enumerate(chunk)]
+    return outcomes
+
+
+def evaluate_greedy(model, tokenizer, problems: list[dict], max_new_tokens: int, **eval_kw) -> float:
+    """Share of the problems whose greedy response earns reward 1. eval_kw: the keywords of
+    eval_outcomes (instruction, reward_fn, batch_size, bf16, eos_ids)."""
+    outcomes = eval_outcomes(model, tokenizer, problems, 1, max_new_tokens, greedy=True, **eval_kw)
+    return sum(o[0] for o in outcomes) / max(1, len(problems))
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def evaluate_sampled(model, tokenizer, problems: list[dict], k: int, temperature: float,
+                     top_p: float, seed: int, max_new_tokens: int, **eval_kw) -> tuple[float, float]:
+    """(avg@k, pass@k) over the problems, k samples each at `temperature` / `top_p` (0.6 /
+    0.95 in the released runs of [A]). Sampled under a forked RNG seeded with `seed`: the
+    score does not depend on when it is taken, and taking it leaves the training RNG alone."""
     device = next(model.parameters()).device
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    prompt_ids = enc.input_ids.repeat_interleave(group_size, 0).to(device)
-    prompt_mask = enc.attention_mask.repeat_interleave(group_size, 0).to(device)
-    eos = eos_token_ids or [tokenizer.eos_token_id]
-    # Every sampling knob is passed explicitly: values left unset would be taken from the
-    # checkpoint's generation_config (Qwen instruct ships top_k=20, repetition_penalty>1),
-    # and then the sampler would not be the policy pi whose log-probs we train on.
-    sampling = {"do_sample": False, "repetition_penalty": 1.0} if greedy else {
-        "do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0,
-        "min_p": None, "typical_p": 1.0, "repetition_penalty": 1.0}
-    was_training = model.training
-    model.eval()
-    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
-                         max_new_tokens=max_new_tokens, eos_token_id=eos,
-                         pad_token_id=tokenizer.pad_token_id, use_cache=True, **sampling)
-    model.train(was_training)
-    completion_ids = out[:, prompt_ids.shape[1]:]
-    completion_mask, truncated = completion_mask_from_ids(completion_ids, eos)
-    return {"input_ids": out, "attention_mask": torch.cat([prompt_mask, completion_mask.long()], 1),
-            "completion_ids": completion_ids, "completion_mask": completion_mask,
-            "truncated": truncated}
-
-
-def completion_mask_from_ids(completion_ids: torch.Tensor,
-                             eos_token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) ids -> mask (B, T) float, 1.0 up to and including the first EOS, and
-    truncated (B,) bool, True where no EOS was generated. generate() pads finished rows
-    with pad tokens, which may equal EOS, so only the first EOS counts."""
-    is_eos = torch.isin(completion_ids, torch.tensor(eos_token_ids, device=completion_ids.device))
-    eos_before = is_eos.int().cumsum(1) - is_eos.int()  # EOS tokens strictly before t
-    return (eos_before == 0).float(), ~is_eos.any(1)
-
-
-def eos_token_ids(model, tokenizer) -> list[int]:
-    """All ids that end a response: the generation config may list several (Qwen instruct
-    stops at <|im_end|> and <|endoftext|>)."""
-    ids = getattr(model.generation_config, "eos_token_id", None)
-    ids = ids if ids is not None else tokenizer.eos_token_id
-    return sorted(set(ids if isinstance(ids, list) else [ids]))
-
-
-def decode_completions(tokenizer, rollout: dict) -> list[str]:
-    """Text of each valid completion (up to its first EOS), special tokens dropped."""
-    lengths = rollout["completion_mask"].sum(1).long().tolist()
-    return [tokenizer.decode(ids[:n], skip_special_tokens=True)
-            for ids, n in zip(rollout["completion_ids"].tolist(), lengths)]
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        outcomes = eval_outcomes(model, tokenizer, problems, k, max_new_tokens,
+                                 temperature=temperature, top_p=top_p, **eval_kw)
+    n = len(outcomes)
+    avg = sum(sum(o) / len(o) for o in outcomes) / max(1, n)
+    pas = sum(pass_at_k(len(o), int(sum(o)), len(o)) for o in outcomes) / max(1, n)
+    return avg, pas
 
 
 # =========================================================================================
-# 4. Token statistics: log-probs, entropy, perplexity
-#   log pi(o_t)  = z[o_t] - logsumexp(z),  z = logits / temperature (applied once, in fp32)
-#   H_t          = -sum_v pi(v) log pi(v)                 (the whole vocabulary)
-#   log_ppl(o_i) = -(1/|o_i|) sum_t log pi(o_{i,t}),  PPL = exp(log_ppl)    (as in [A])
+# 10. The training loop: rl_step (section 7) inside evaluation, logging and checkpoints
+# Everything that changes from step to step lives in one LoopState: the next step, lambda
+# of [B], the data order, the skip count, the last accuracy and the stage of [A]. A
+# checkpoint saves it (section 13), and --resume restores it.
 # =========================================================================================
 
 
-def completion_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      n_completion: int) -> torch.Tensor:
-    """Raw logits z that predict the last `n_completion` tokens: (B, T, V).
-
-    logits_to_keep skips the LM head on prompt positions, which saves a (B, P, V) tensor.
-    Position ids are cumsum(mask) - 1, the same ids generate() used on left-padded
-    prompts. Without them the recomputed log-probs would not match the sampler's.
-    The temperature is *not* applied here: token_logprobs and token_entropy apply it, once,
-    chunk by chunk in fp32 (dividing bf16 logits by T would round them first).
-    """
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                logits_to_keep=n_completion + 1, use_cache=False)
-    return out.logits[:, :-1]  # position t predicts token t+1, so drop the last one
-
-
-def logit_chunks(logits: torch.Tensor, chunk_elems: int = 2**24) -> list[torch.Tensor]:
-    """Split (B, T, V) into (n, V) views of at most ~chunk_elems logits, row by row.
-
-    Views, never copies: `logits.reshape(-1, V)` would copy, because the logits of
-    completion_logits are a slice (not contiguous). 2**24 fp32 logits are 64 MB."""
-    n = max(1, chunk_elems // logits.shape[-1])
-    return [chunk for row in logits for chunk in row.split(n)]
-
-
-def _scaled(z: torch.Tensor, temperature: float) -> torch.Tensor:
-    """z / T in at least fp32 (fp64 stays fp64): the upcast comes before the division."""
-    z = z.to(torch.promote_types(z.dtype, torch.float32))
-    return z / temperature if temperature != 1.0 else z
-
-
-def _scaled_logsumexp(chunk: torch.Tensor, temperature: float) -> torch.Tensor:
-    return torch.logsumexp(_scaled(chunk, temperature), -1)
-
-
-def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor,
-                   temperature: float = 1.0, chunk_elems: int = 2**24) -> torch.Tensor:
-    """log pi(token) for each position: (B, T, V) raw logits, (B, T) -> (B, T), differentiable.
-
-    log pi(o_t) = z[o_t] / T - logsumexp(z / T). No log_softmax tensor is built, and
-    logsumexp runs a chunk at a time because it allocates an exp() temporary the size of
-    its input. T is the *sampling* temperature: the responses were drawn from
-    softmax(z / T), so that is the behaviour policy (at T = 1 here the ratio
-    pi_new / pi_old would be != 1 even on-policy and the clip would fire for no reason).
-    Each chunk is upcast to fp32 *before* the division by T (bf16 would round z / T), under
-    activation checkpointing whenever that makes a new tensor (bf16/fp16 logits, or T != 1),
-    so that backward recomputes the chunk instead of keeping it: autograd then holds only
-    the logits (which exist anyway) and (B, T) results, never a second (B, T, V) copy.
-    Result: fp32 (fp64 for fp64 logits).
-    """
-    from torch.utils.checkpoint import checkpoint
-
-    picked = _scaled(logits.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1), temperature)
-    copies = temperature != 1.0 or logits.dtype not in (torch.float32, torch.float64)
-    lse = [checkpoint(_scaled_logsumexp, c, temperature, use_reentrant=False)
-           if copies and c.requires_grad else _scaled_logsumexp(c, temperature)
-           for c in logit_chunks(logits, chunk_elems)]
-    return picked - torch.cat(lse).view(picked.shape)
-
-
-@torch.no_grad()
-def token_entropy(logits: torch.Tensor, temperature: float = 1.0,
-                  chunk_elems: int = 2**24) -> torch.Tensor:
-    """H_t = -sum_v p_v log p_v, p = softmax(z / T), over the full vocabulary:
-    (B, T, V) raw logits -> (B, T), fp32 (fp64 for fp64 logits).
-
-    Computed under no_grad (entropy is measured, not trained), one chunk of positions at a
-    time, so the fp32 log-softmax never exists for the whole batch (B*T*V*4 bytes: 5 GB
-    at 8 x 1024 tokens of Qwen). Reuses the same logits as token_logprobs.
-    """
-    out = []
-    for chunk in logit_chunks(logits, chunk_elems):
-        logp = torch.log_softmax(_scaled(chunk, temperature), -1)
-        out.append(-(logp.exp().mul_(logp)).sum(-1))
-    return torch.cat(out).view(logits.shape[:-1])
-
-
-def sequence_log_ppl(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """log PPL(o_i) = -(sum_t mask * log pi) / |o_i|: (B, T), (B, T) -> (B,)."""
-    return -(logprobs * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float | None:
-    """Mean of x over mask == 1, or None if the mask is empty (None is JSON-safe, NaN is not)."""
-    n = mask.sum()  # where(), not x * mask: an inf outside the mask must not become NaN
-    return torch.where(mask > 0, x, 0).sum().item() / n.item() if n > 0 else None
-
-
-# =========================================================================================
-# 5. Advantages: GRPO, then the shaping methods of paper [A]
-# GRPO (Shao et al. 2024) needs no value network. It compares each response with the other
-# G - 1 answers to the same prompt:
-#   A_i = (r_i - mean_g r) / (std_g r + eps)        (std unbiased, eps = 1e-6, as released)
-# Dr. GRPO (Liu et al. 2025) drops the std division (--no-std-scaling). A group whose G
-# rewards are all equal has A = 0 for every response: it teaches nothing this step. We
-# count these groups (zero_var_frac) because they grow as the policy saturates.
-# =========================================================================================
-
-
-def grpo_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool = True,
-                    eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-    """rewards (B,) -> advantages (B,), zero_variance (B // G,) bool."""
-    r = rewards.view(-1, group_size)
-    centered = r - r.mean(1, keepdim=True)
-    if scale_by_std:
-        centered = centered / (r.std(1, keepdim=True) + eps)
-    zero_variance = (r == r[:, :1]).all(1)
-    return centered.masked_fill(zero_variance[:, None], 0.0).reshape(-1), zero_variance
-
-
-# --- Method A1, perplexity-based shaping ("ppl") -----------------------------------------
-#   l_i = log PPL under pi_old;  per group: Q1, Q3, IQR = Q3 - Q1;
-#   mu, sigma = mean and population std of the l_i inside [Q1 - 1.5 IQR, Q3 + 1.5 IQR]
-#   z_i = (l_i - mu) / sigma  (for every response);  A'_{i,t} = A_{i,t} clamp(1 - alpha z_i, 0.8, 1.2)
-# Low-perplexity responses (z < 0) get weight > 1. The released script (low_ppl.sh) computes
-# this weight but never multiplies it in (see README). We apply it, as the paper intends.
-
-
-def ppl_weights(log_ppl: torch.Tensor, group_size: int, alpha: float = 0.01,
-                clip_range: tuple[float, float] = (0.8, 1.2)) -> torch.Tensor:
-    """Per-response advantage weight from a robust z-score of log-PPL: (B,) -> (B,)."""
-    x = log_ppl.float().view(-1, group_size)
-    q1, q3 = torch.quantile(x, 0.25, dim=1, keepdim=True), torch.quantile(x, 0.75, dim=1, keepdim=True)
-    iqr = q3 - q1
-    keep = (x >= q1 - 1.5 * iqr) & (x <= q3 + 1.5 * iqr)  # outliers out of the statistics only
-    keep = keep | ~keep.any(1, keepdim=True)             # if none survive, use all
-    n = keep.sum(1, keepdim=True)
-    mu = (x * keep).sum(1, keepdim=True) / n
-    sigma = (((x - mu) ** 2 * keep).sum(1, keepdim=True) / n).sqrt()
-    sigma = torch.where(sigma <= 1e-6, torch.ones_like(sigma), sigma)
-    z = (x - mu) / sigma
-    return (1 - alpha * z).clamp(*clip_range).reshape(-1)
-
-
-# --- Method A2, position-based shaping ("position") --------------------------------------
-#   p_{i,t} = t / |o_i|  (t counts valid tokens from 0);  b = min(alpha sigmoid(k (p - 0.5)), 0.5 |A|)
-#   A'_{i,t} = A_{i,t} + sign(A_{i,t}) b_{i,t}
-# Late tokens of a correct response get more credit, late tokens of a wrong one more blame.
-
-
-def position_shaped_advantages(advantages: torch.Tensor, mask: torch.Tensor,
-                               alpha: float = 0.1, k: float = 15.0) -> torch.Tensor:
-    """Token advantages (B, T) plus the sign-following end-of-response bonus -> (B, T).
-
-    Completion tokens are contiguous from column 0, so token t's index is t itself.
-    """
-    length = mask.sum(1, keepdim=True).clamp(min=1)
-    p = torch.arange(mask.shape[1], device=mask.device)[None, :] / length
-    bonus = torch.minimum(alpha * torch.sigmoid(k * (p - 0.5)), 0.5 * advantages.abs())
-    return (advantages + torch.sign(advantages) * bonus.detach()) * mask
-
-
-# =========================================================================================
-# 6. Loss: the PPO-clipped token objective with Clip-Higher (DAPO)
-#   ratio = pi_theta(o_t) / pi_old(o_t)
-#   L_t   = -min(ratio A_t, clip(ratio, 1 - eps_low, 1 + eps_high) A_t)
-# eps_high > eps_low (0.28 vs 0.2) leaves more room to raise unlikely tokens: the
-# standard guard against entropy collapse.
-# Aggregation: token-mean = sum over all valid tokens / their count (long responses
-# count more); seq-mean-token-mean = the mean over responses of each response's token mean.
-# Both take explicit denominators, so that micro-batches summed with gradient accumulation
-# give exactly the full mini-batch's gradient.
-# =========================================================================================
-
-
-def clipped_token_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
-                       advantages: torch.Tensor, clip_low: float = 0.2,
-                       clip_high: float = 0.28) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token clipped surrogate loss and ratio: (B, T) x 3 -> (B, T), (B, T)."""
-    ratio = torch.exp(logprobs - old_logprobs)
-    unclipped = ratio * advantages
-    clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * advantages
-    return -torch.minimum(unclipped, clipped), ratio
-
-
-def aggregate_loss(token_loss: torch.Tensor, mask: torch.Tensor, loss_agg: str = "token-mean",
-                   n_tokens: float | None = None, n_seqs: float | None = None) -> torch.Tensor:
-    """(B, T) token losses -> scalar. n_tokens / n_seqs default to this batch's own counts;
-    pass the mini-batch totals when this is one micro-batch of it."""
-    if loss_agg == "token-mean":
-        return (token_loss * mask).sum() / (n_tokens if n_tokens is not None else mask.sum())
-    if loss_agg == "seq-mean-token-mean":
-        per_seq = (token_loss * mask).sum(1) / mask.sum(1).clamp(min=1)
-        return per_seq.sum() / (n_seqs if n_seqs is not None else mask.shape[0])
-    raise ValueError(f"unknown loss aggregation {loss_agg!r}")
-
-
-@torch.no_grad()
-def clip_stats(ratio: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-               clip_low: float, clip_high: float) -> dict[str, float]:
-    """Token fractions where the clip removed the gradient, and the k3 estimate of
-    KL(pi_old || pi_theta) = E[(ratio - 1) - log ratio] (Schulman 2020)."""
-    low = ((advantages < 0) & (ratio < 1 - clip_low)).float()
-    high = ((advantages > 0) & (ratio > 1 + clip_high)).float()
-    kl = (ratio - 1) - torch.log(ratio)
-    return {"clip_frac_low": masked_mean(low, mask) or 0.0,
-            "clip_frac_high": masked_mean(high, mask) or 0.0,
-            "approx_kl": masked_mean(kl, mask) or 0.0}
-
-
-# --- Method B, positive/negative-advantage reweighting ("posneg") -----------------------
-# Why positive advantages collapse entropy ([B]): for the unclipped token objective, the
-# gradient on the logit of vocabulary entry v at step t is
-#     sampled v:  ratio_t (1 - pi(v)) A_t        any other v:  -ratio_t pi(v) A_t
-# With A > 0 the sampled token (usually already likely) gains mass taken from all others,
-# so the distribution sharpens. With A < 0 the sampled token loses mass that spreads over
-# the rest, so it flattens. Weighting positive-advantage tokens by lambda < 1 tilts this
-# balance towards keeping entropy:
-#     w_{i,t} = lambda if A_{i,t} > 0,  neg_weight if A_{i,t} < 0,  else 1;  L'_t = w_t L_t
-
-
-def posneg_token_weights(advantages: torch.Tensor, pos_weight: float,
-                         neg_weight: float = 1.0) -> torch.Tensor:
-    """Per-token loss weights from the advantage's sign: (B, T) -> (B, T)."""
-    ones = torch.ones_like(advantages)
-    return torch.where(advantages > 0, pos_weight * ones,
-                       torch.where(advantages < 0, neg_weight * ones, ones))
-
-
-def scheduled_lambda(schedule: str, step: int, total_steps: int, fixed: float = 1.0,
-                     n_epochs: int = 2) -> float:
-    """lambda at `step` (0-indexed) for the step-driven schedules of [B]:
-      fixed:  lambda = fixed
-      stage:  0 for the first half of the run, then linear from 0 up to 1 at the last step
-      epoch:  (e - 1) / (E - 1) in epoch e of E, the run cut into E equal parts of steps
-    """
-    if schedule == "fixed":
-        return fixed
-    if schedule == "stage":
-        half, ramp = total_steps // 2, total_steps - 1 - total_steps // 2
-        if step < half:
-            return 0.0
-        return 1.0 if ramp <= 0 else min(1.0, (step - half) / ramp)  # ramp 0: one step, at 1
-    if schedule == "epoch":
-        epoch = 1 + step * n_epochs // total_steps  # 1 .. E
-        return (epoch - 1) / (n_epochs - 1)
-    raise ValueError(f"unknown lambda schedule {schedule!r}")
-
-
-def entropy_guided_lambda(lam: float, entropy: float, target: float = 0.2,
-                          step_size: float = 0.05) -> float:
-    """[B]'s recommended controller, run after each step k with batch entropy H_k:
-    lambda_{k+1} = clip(lambda_k - step, 0, 1) if H_k < target, else clip(lambda_k + step, 0, 1).
-    Entropy too low -> weaker positive updates -> entropy rises, and the reverse."""
-    lam = lam - step_size if entropy < target else lam + step_size
-    return min(1.0, max(0.0, lam))
-
-
-@torch.no_grad()
-def logp_adv_covariance(logprobs: torch.Tensor, advantages: torch.Tensor,
-                        mask: torch.Tensor) -> float:
-    """Cov(log pi(o_t), A_t) over the batch's valid tokens: (B, T) x 3 -> float.
-
-    Cui et al. (arXiv 2505.22617) show the entropy change of one policy-gradient step is
-    about -lr * this covariance: positive -> entropy falls next, negative -> it rises.
-    """
-    n = mask.sum()
-    mean_lp, mean_a = (logprobs * mask).sum() / n, (advantages * mask).sum() / n
-    return (((logprobs - mean_lp) * (advantages - mean_a) * mask).sum() / n).item()
-
-
-# =========================================================================================
-# 7. Training loop
-# One step = sample G responses for each of n prompts -> reward -> old log-probs and
-# entropy (no grad) -> advantages (+ shaping) -> one or more passes of clipped-loss
-# updates over mini-batches -> log one JSON line.
-# =========================================================================================
+@dataclass
+class LoopState:
+    step: int = 0                   # the next step to run
+    pos_weight: float = 1.0         # lambda of [B]
+    order: list[int] = field(default_factory=list)  # what is left of this epoch's data order
+    nonfinite_skips: int = 0        # updates skipped for a NaN / inf reward or loss
+    accuracy: float | None = None   # the latest greedy held-out accuracy
+    shape_from: int = 0             # first step of [A]'s shaping (moves to the plateau, if asked)
+    stage_step: int | None = None   # the detected start of the plateau stage, once found
 
 
 def set_seed(seed: int) -> None:
@@ -776,51 +1016,126 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def autocast_ctx(device: torch.device, bf16: bool):
-    """bf16 autocast on CUDA. The weights and AdamW state stay fp32: at lr 1e-6 most
-    updates are below bf16's resolution and pure-bf16 weights would not move."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
+def next_batch(problems: list[dict], state: LoopState, order_rng: random.Random,
+               n: int) -> list[dict]:
+    """The next n problems of a shuffled pass over the data, reshuffled every epoch."""
+    while len(state.order) < n:
+        perm = list(range(len(problems)))
+        order_rng.shuffle(perm)
+        state.order += perm
+    batch, state.order = [problems[i] for i in state.order[:n]], state.order[n:]
+    return batch
 
 
-def length_grouped(rows: torch.Tensor, lengths: torch.Tensor, size: int) -> list[torch.Tensor]:
-    """Split row indices into micro-batches of `size` rows of similar response length,
-    longest first. Each micro-batch is then cut to its own longest response (see
-    trimmed_rows): the batch is padded to its single longest response, and every padded
-    position costs a full forward and backward. Gradient accumulation makes the update
-    independent of how rows are grouped."""
-    return list(rows[lengths[rows].argsort(descending=True, stable=True)].split(size))
+def train(args: argparse.Namespace, model, tokenizer, train_set: list[dict],
+          eval_set: list[dict], out_dir: Path, resume: dict | None = None) -> dict:
+    """The RL loop: each step evaluates when due, runs rl_step, logs one metrics row to
+    out_dir/metrics.jsonl, moves lambda and the stage of [A], and saves a checkpoint when
+    due or on SIGINT / SIGTERM. `resume` is a checkpoint's trainer state (section 13).
+    Returns the run's summary."""
+    from tqdm import tqdm
 
+    device = next(model.parameters()).device
+    cfg = StepConfig(**{f.name: getattr(args, f.name) for f in fields(StepConfig)})
+    eos_ids = eos_token_ids(model, tokenizer)
+    reward_fn = reward_function(args.reward, args.last_number_fallback)
+    eval_kw = {"max_new_tokens": args.max_new_tokens, "instruction": args.instruction,
+               "reward_fn": reward_fn, "batch_size": args.eval_batch_size, "bf16": args.bf16,
+               "eos_ids": eos_ids}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                                  betas=(0.9, 0.99))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / max(1, args.lr_warmup_steps)))
+    order_rng = random.Random(args.seed)  # data order: reshuffled each epoch over the train set
+    plateau = args.shape_from == "plateau"  # shaping waits for the detected plateau
+    state = LoopState(pos_weight=0.0 if args.lambda_schedule == "entropy" else args.pos_weight,
+                      shape_from=args.steps if plateau else args.shape_from)  # lambda_0 = 0 in [B]
+    metrics_path, history, start = out_dir / "metrics.jsonl", [], time.time()
+    if resume is None:
+        metrics_path.write_text("")
+    else:  # every piece of state back, and the rows past the checkpoint dropped
+        history, start = restore_training(resume, state, optimizer, scheduler, order_rng, metrics_path)
+    state.stage_step = detect_plateau([r["entropy"] for r in history], [r["reward"] for r in history],
+                                      args.stage_window, args.stage_frac, args.stage_patience)
+    if plateau:  # shaping starts the step after the detection
+        detected = next((r["step"] for r in history if r["stage"] == "plateau"), None)
+        state.shape_from = args.steps if detected is None else detected + 1
 
-def trimmed_rows(rollout: dict, idx: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """input_ids and attention_mask of rows `idx`, cut after `length` completion tokens.
-    Exact: the cut positions are padding after EOS, and a causal model never looks ahead."""
-    end = rollout["input_ids"].shape[1] - rollout["completion_ids"].shape[1] + length
-    return rollout["input_ids"][idx, :end], rollout["attention_mask"][idx, :end]
+    def now() -> float:  # CUDA kernels run asynchronously: wait, or phase times are wrong
+        if args.profile and device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
 
-
-@torch.no_grad()
-def old_policy_stats(model, rollout: dict, temperature: float, micro_batch_size: int,
-                     bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs and entropy of every completion token under the sampling policy, computed
-    in length-grouped micro-batches without a graph: (B, T), (B, T); 0 after each EOS."""
-    comp, mask = rollout["completion_ids"], rollout["completion_mask"]
-    lengths = mask.sum(1).long()
-    logps = ents = None
-    for idx in length_grouped(torch.arange(len(comp), device=comp.device), lengths, micro_batch_size):
-        n = int(lengths[idx].max())
-        with autocast_ctx(comp.device, bf16):
-            logits = completion_logits(model, *trimmed_rows(rollout, idx, n), n)
-        lp = token_logprobs(logits, comp[idx, :n], temperature)
-        h = token_entropy(logits, temperature)
-        if logps is None:
-            logps, ents = lp.new_zeros(mask.shape), h.new_zeros(mask.shape)
-        logps[idx, :n], ents[idx, :n] = lp, h
-    return logps, ents
-
-
-def shaping_active(method: str, step: int, shape_from: int, shape_until: int) -> bool:
-    """The shaping methods of [A] act inside [shape_from, shape_until); GRPO elsewhere."""
-    return method in ("ppl", "position") and shape_from <= step < shape_until
+    stop = {"signum": None}  # set by SIGINT / SIGTERM: finish the step, save, exit
+    previous_handlers = catch_stop_signals(stop)
+    bar = tqdm(range(state.step, args.steps), desc=args.method, dynamic_ncols=True,
+               initial=state.step, total=args.steps)
+    for step in bar:
+        t0, tic, sampled_eval = time.time(), now(), (None, None)
+        if device.type == "cuda":  # peak_mem_mb is this step's peak, printed or not
+            torch.cuda.reset_peak_memory_stats(device)
+        if step % args.eval_every == 0:  # the policy that is about to sample this step's batch
+            state.accuracy = evaluate_greedy(model, tokenizer, eval_set, **eval_kw)
+        if step == 0 and args.eval_k:
+            sampled_eval = evaluate_sampled(model, tokenizer, eval_set, args.eval_k, args.eval_temperature,
+                                            args.eval_top_p, seed=args.seed + 1, **eval_kw)
+        eval_s = now() - tic
+        batch = next_batch(train_set, state, order_rng, args.prompts_per_step)
+        if args.method == "posneg" and args.lambda_schedule != "entropy":
+            state.pos_weight = scheduled_lambda(args.lambda_schedule, step, args.steps,
+                                                args.pos_weight, args.lambda_epochs)
+        out = rl_step(model, tokenizer, optimizer, [p["question"] for p in batch],
+                      [p["answer"] for p in batch], cfg, reward_fn, eos_ids, state.pos_weight,
+                      shaping_active(args.method, step, state.shape_from, args.shape_until), now)
+        scheduler.step()
+        state.nonfinite_skips += out["update"]["skipped_updates"]
+        if out["update"]["skipped_updates"]:
+            tqdm.write(f"warning: non-finite {'loss' if out['rewards_ok'] else 'reward'} at "
+                       f"step {step}; {out['update']['skipped_updates']} update(s) skipped")
+        row = metrics_row(step, out, state.accuracy if step % args.eval_every == 0 else None,
+                          sampled_eval, state.pos_weight if args.method == "posneg" else None,
+                          scheduler.get_last_lr()[0], state.nonfinite_skips, eval_s, device,
+                          time.time() - t0, time.time() - start)
+        if state.stage_step is None:  # online: only the rows logged so far
+            state.stage_step = detect_plateau([r["entropy"] for r in history] + [row["entropy"]],
+                                              [r["reward"] for r in history] + [row["reward"]],
+                                              args.stage_window, args.stage_frac, args.stage_patience)
+            if state.stage_step is not None and plateau:
+                state.shape_from = step + 1  # shaping starts with the next batch
+                tqdm.write(f"plateau detected at step {step} (transition ~step "
+                           f"{state.stage_step}); shaping from step {step + 1}")
+        row["stage"] = "rising" if state.stage_step is None else "plateau"
+        with metrics_path.open("a") as f:  # the row is on disk before the next step starts
+            f.write(json.dumps(row) + "\n")
+        history.append(row)
+        bar.set_postfix({"reward": f"{row['reward']:.2f}", "acc": f"{state.accuracy:.2f}",
+                         "H": f"{row['entropy']:.3f}", "stage": row["stage"],
+                         **({"pos_weight": f"{state.pos_weight:.2f}"} if args.method == "posneg" else {})})
+        if args.profile:
+            tqdm.write(format_profile(step, row["profile"]))
+        if args.method == "posneg" and args.lambda_schedule == "entropy":
+            state.pos_weight = entropy_guided_lambda(state.pos_weight, row["entropy"],
+                                                     args.entropy_target, args.lambda_step)
+        state.step = step + 1
+        if stop["signum"] is not None or (args.save_every and state.step % args.save_every == 0):
+            save_checkpoint(out_dir, model, tokenizer,
+                            checkpoint_state(state, optimizer, scheduler, order_rng, time.time() - start))
+        if stop["signum"] is not None:
+            bar.close()
+            restore_signal_handlers(previous_handlers)
+            print(f"stopped by {signal.Signals(stop['signum']).name} after step {step}; checkpoint "
+                  f"saved in {out_dir / 'checkpoint'}. Resume with the same command plus --resume")
+            raise SystemExit(128 + stop["signum"])
+    restore_signal_handlers(previous_handlers)
+    final_accuracy = evaluate_greedy(model, tokenizer, eval_set, **eval_kw)
+    final_sampled = (evaluate_sampled(model, tokenizer, eval_set, args.eval_k, args.eval_temperature,
+                                      args.eval_top_p, seed=args.seed + 1, **eval_kw)
+                     if args.eval_k else (None, None))
+    summary = run_summary(args, history, final_accuracy, final_sampled, state.stage_step,
+                          state.nonfinite_skips, time.time() - start)
+    if args.profile:
+        print(format_profile("mean", summary["profile"]))
+    return summary
 
 
 def enable_gradient_checkpointing(model) -> None:
@@ -834,344 +1149,8 @@ def enable_gradient_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def peak_memory_mb(device: torch.device) -> float | None:
-    """Peak memory so far: CUDA max_memory_allocated on a GPU, else the process's peak RSS."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        import resource
-    except ImportError:  # Windows
-        return None
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
-
-
-def train(args: argparse.Namespace, model, tokenizer, train_set: list[dict],
-          eval_set: list[dict], out_dir: Path, resume: dict | None = None) -> dict:
-    """The RL loop. Writes out_dir/metrics.jsonl (one row per step) and returns a summary.
-    `resume` is a checkpoint's trainer state (section 11): the loop then continues exactly
-    where that checkpoint left off."""
-    from tqdm import tqdm
-
-    device = next(model.parameters()).device
-    eos_ids = eos_token_ids(model, tokenizer)
-    reward_fn = reward_function(args.reward, args.last_number_fallback)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                                  betas=(0.9, 0.99))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / max(1, args.lr_warmup_steps)))
-    order_rng = random.Random(args.seed)  # data order: reshuffled each epoch over the train set
-    order: list[int] = []
-    micro = args.micro_batch_size or args.prompts_per_step * args.group_size
-    nonfinite_skips, accuracy, start = 0, None, time.time()
-    lam = 0.0 if args.lambda_schedule == "entropy" else args.pos_weight  # lambda_0 = 0 in [B]
-    history: list[dict] = []
-    first_step = 0
-    metrics_path = out_dir / "metrics.jsonl"
-    if resume is None:
-        metrics_path.write_text("")
-    else:  # section 11: restore every piece of state, then drop rows past the checkpoint
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        order_rng.setstate(resume["order_rng"])
-        order, lam = resume["order"], resume["lam"]
-        nonfinite_skips, accuracy = resume["nonfinite_skips"], resume["accuracy"]
-        first_step, start = resume["step"], time.time() - resume["elapsed"]
-        history = truncate_metrics(metrics_path, first_step)
-        set_rng_state(resume["rng"])
-    # Stage of [A] (section 9), recomputed from the logged rows, so a resumed run agrees.
-    stage_step = detect_plateau([r["entropy"] for r in history], [r["reward"] for r in history],
-                                args.stage_window, args.stage_frac, args.stage_patience)
-    if args.shape_from_plateau:  # shaping starts the step after the detection
-        detected = next((r["step"] for r in history if r["stage"] == "plateau"), None)
-        args.shape_from = args.steps if detected is None else detected + 1
-
-    def now() -> float:  # CUDA kernels run asynchronously: wait, or phase times are wrong
-        if args.profile and device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter()
-
-    stop = {"signum": None}  # set by SIGINT / SIGTERM: finish the step, save, exit
-    previous_handlers = catch_stop_signals(stop)
-    bar = tqdm(range(first_step, args.steps), desc=f"{args.method}", dynamic_ncols=True,
-               initial=first_step, total=args.steps)
-    for step in bar:
-        t0, phase = time.time(), {}
-        if device.type == "cuda":  # peak_mem_mb is this step's peak, printed or not
-            torch.cuda.reset_peak_memory_stats(device)
-        # ---- evaluation of the policy that is about to sample this step's batch
-        tic = now()
-        sampled_eval = (None, None)
-        if step % args.eval_every == 0:
-            accuracy = evaluate_greedy(model, tokenizer, eval_set, args)
-        if step == 0 and args.eval_k:
-            sampled_eval = evaluate_sampled(model, tokenizer, eval_set, args)
-        phase["eval"], tic = now() - tic, now()
-
-        # ---- 1. prompts and rollouts
-        while len(order) < args.prompts_per_step:
-            perm = list(range(len(train_set)))
-            order_rng.shuffle(perm)
-            order += perm
-        batch, order = [train_set[i] for i in order[:args.prompts_per_step]], order[args.prompts_per_step:]
-        prompts = [build_prompt(tokenizer, p["question"], args.instruction) for p in batch]
-        with autocast_ctx(device, args.bf16):
-            rollout = generate_rollouts(model, tokenizer, prompts, args.group_size,
-                                        args.max_new_tokens, args.temperature, args.top_p,
-                                        eos_token_ids=eos_ids)
-        mask = rollout["completion_mask"]
-        phase["rollout"], tic = now() - tic, now()
-
-        # ---- 2. verifiable rewards
-        texts = decode_completions(tokenizer, rollout)
-        golds = [p["answer"] for p in batch for _ in range(args.group_size)]
-        rewards = torch.tensor([reward_fn(t, g) for t, g in zip(texts, golds)], device=device)
-        rewards_ok = bool(torch.isfinite(rewards).all())
-        if not rewards_ok:  # a broken reward must not reach the weights: skip this update
-            nonfinite_skips += 1
-            rewards = torch.nan_to_num(rewards, nan=0.0, posinf=0.0, neginf=0.0)
-            tqdm.write(f"warning: non-finite reward at step {step}; update skipped")
-        phase["reward"], tic = now() - tic, now()
-
-        # ---- 3. old log-probs, entropy and perplexity under the sampling policy
-        old_logp, entropy = old_policy_stats(model, rollout, args.temperature, micro, args.bf16)
-        log_ppl = sequence_log_ppl(old_logp, mask)
-        phase["old_logp"], tic = now() - tic, now()
-
-        # ---- 4. advantages, then shaping
-        adv_seq, zero_var = grpo_advantages(rewards, args.group_size, not args.no_std_scaling)
-        advantages = adv_seq[:, None] * mask  # every token of a response shares its A
-        shaping = shaping_active(args.method, step, args.shape_from, args.shape_until)
-        weight = torch.ones_like(adv_seq)
-        if shaping and args.method == "ppl":
-            weight = ppl_weights(log_ppl, args.group_size, args.ppl_alpha)
-            advantages = advantages * weight[:, None]
-        if shaping and args.method == "position":
-            advantages = position_shaped_advantages(advantages, mask, args.pos_alpha, args.pos_k)
-        token_weights = torch.ones_like(advantages)
-        if args.method == "posneg":
-            if args.lambda_schedule != "entropy":
-                lam = scheduled_lambda(args.lambda_schedule, step, args.steps, args.pos_weight,
-                                       args.lambda_epochs)
-            token_weights = posneg_token_weights(advantages, lam, args.neg_weight)
-
-        # ---- 5. policy update: updates_per_batch passes over shuffled mini-batches
-        stats = {"loss": 0.0, "clip_frac_low": 0.0, "clip_frac_high": 0.0, "approx_kl": 0.0}
-        grad_norms, n_updates = [], 0
-        B, lengths = mask.shape[0], mask.sum(1).long()
-        model.train()
-        phase["optimizer"] = 0.0
-        for _ in range(args.updates_per_batch if rewards_ok else 0):
-            for mb in torch.randperm(B, device=device).chunk(args.mini_batches):
-                n_tokens, n_seqs = mask[mb].sum(), float(len(mb))
-                optimizer.zero_grad(set_to_none=True)
-                mb_loss, finite = 0.0, True
-                # gradient accumulation over micro-batches of similar length, each cut to
-                # its longest response (n): the tensors below are all [idx, :n]
-                for idx in length_grouped(mb, lengths, micro):
-                    n = int(lengths[idx].max())
-                    with autocast_ctx(device, args.bf16):
-                        logits = completion_logits(model, *trimmed_rows(rollout, idx, n), n)
-                    logp = token_logprobs(logits, rollout["completion_ids"][idx, :n],
-                                          args.temperature)
-                    adv, m = advantages[idx, :n], mask[idx, :n]
-                    tok_loss, ratio = clipped_token_loss(logp, old_logp[idx, :n], adv,
-                                                         args.clip_low, args.clip_high)
-                    loss = aggregate_loss(tok_loss * token_weights[idx, :n], m, args.loss_agg,
-                                          n_tokens, n_seqs)
-                    if not torch.isfinite(loss):
-                        finite = False
-                        break
-                    loss.backward()
-                    mb_loss += loss.item()
-                    share = m.sum().item() / max(n_tokens.item(), 1) / (
-                        args.updates_per_batch * args.mini_batches)
-                    for key, v in clip_stats(ratio, adv, m, args.clip_low, args.clip_high).items():
-                        stats[key] += v * share
-                if not finite:  # skip this update rather than write NaNs into the weights
-                    nonfinite_skips += 1
-                    optimizer.zero_grad(set_to_none=True)
-                    tqdm.write(f"warning: non-finite loss at step {step}; update skipped")
-                    continue
-                t_opt = now()
-                grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                                 args.max_grad_norm).item())
-                optimizer.step()
-                phase["optimizer"] += now() - t_opt
-                stats["loss"] += mb_loss
-                n_updates += 1
-        scheduler.step()
-        stats["loss"] /= max(n_updates, 1)
-        phase["loss_backward"] = now() - tic - phase["optimizer"]
-
-        # ---- 6. log one row (the analysis views of [A] are in section 9)
-        is_pos = rewards > 0.5
-        pos, neg = is_pos[:, None] * mask, ~is_pos[:, None] * mask
-        row = {
-            "step": step,
-            "reward": rewards.mean().item(),
-            "accuracy": accuracy if step % args.eval_every == 0 else None,
-            "entropy": masked_mean(entropy, mask),
-            "entropy_pos": masked_mean(entropy, pos),
-            "entropy_neg": masked_mean(entropy, neg),
-            "log_ppl": log_ppl.mean().item(),
-            "log_ppl_pos": log_ppl[is_pos].mean().item() if is_pos.any() else None,
-            "log_ppl_neg": log_ppl[~is_pos].mean().item() if (~is_pos).any() else None,
-            "high_entropy_ppl_terciles": high_entropy_ppl_terciles(entropy, mask, log_ppl),
-            "entropy_by_position": entropy_by_position(entropy, mask),
-            "response_len": mask.sum(1).mean().item(),
-            "truncated_frac": rollout["truncated"].float().mean().item(),
-            "zero_var_frac": zero_var.float().mean().item(),
-            "shaping": shaping,
-            "ppl_weight_min": weight.min().item(),
-            "ppl_weight_max": weight.max().item(),
-            "adv_abs_mean": masked_mean(advantages.abs(), mask),
-            "pos_weight": lam if args.method == "posneg" else None,
-            "cov_logp_adv": logp_adv_covariance(old_logp, advantages * token_weights, mask),
-            **stats,
-            "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else None,
-            "lr": scheduler.get_last_lr()[0],
-            "nonfinite_skips": nonfinite_skips,
-            "avg_at_k": sampled_eval[0],
-            "pass_at_k": sampled_eval[1],
-            "step_time": time.time() - t0,
-            "time": time.time() - start,
-            "profile": {**{f"{k}_s": v for k, v in phase.items()},
-                        "gen_tokens_per_s": mask.sum().item() / max(phase["rollout"], 1e-9),
-                        "peak_mem_mb": peak_memory_mb(device)},
-        }
-        if stage_step is None:  # online: only the rows logged so far
-            stage_step = detect_plateau([r["entropy"] for r in history] + [row["entropy"]],
-                                        [r["reward"] for r in history] + [row["reward"]],
-                                        args.stage_window, args.stage_frac, args.stage_patience)
-            if stage_step is not None and args.shape_from_plateau:
-                args.shape_from = step + 1  # shaping starts with the next batch
-                tqdm.write(f"plateau detected at step {step} (transition ~step {stage_step}); "
-                           f"shaping from step {step + 1}")
-        row["stage"] = "rising" if stage_step is None else "plateau"
-        with metrics_path.open("a") as f:  # the row is on disk before the next step starts
-            f.write(json.dumps(row) + "\n")
-        history.append(row)
-        postfix = {"reward": f"{row['reward']:.2f}", "acc": f"{accuracy:.2f}",
-                   "H": f"{row['entropy']:.3f}", "stage": row["stage"]}
-        if args.method == "posneg":
-            postfix["lambda"] = f"{lam:.2f}"
-        bar.set_postfix(postfix)
-        if args.profile:
-            tqdm.write(format_profile(step, row["profile"]))
-        if args.method == "posneg" and args.lambda_schedule == "entropy":
-            lam = entropy_guided_lambda(lam, row["entropy"], args.entropy_target, args.lambda_step)
-
-        # ---- 7. checkpoint (section 11) every --save-every steps, and on SIGINT / SIGTERM
-        if stop["signum"] is not None or (args.save_every and (step + 1) % args.save_every == 0):
-            state = {"step": step + 1, "order": order, "order_rng": order_rng.getstate(),
-                     "lam": lam, "nonfinite_skips": nonfinite_skips, "accuracy": accuracy,
-                     "elapsed": time.time() - start, "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "rng": get_rng_state()}
-            save_checkpoint(out_dir, model, tokenizer, state)
-        if stop["signum"] is not None:
-            bar.close()
-            restore_signal_handlers(previous_handlers)
-            name = signal.Signals(stop["signum"]).name
-            print(f"stopped by {name} after step {step}; checkpoint saved in {out_dir / 'checkpoint'}."
-                  f" Resume with the same command plus --resume")
-            raise SystemExit(128 + stop["signum"])
-    restore_signal_handlers(previous_handlers)
-
-    final_accuracy = evaluate_greedy(model, tokenizer, eval_set, args)
-    final_avg, final_pass = evaluate_sampled(model, tokenizer, eval_set, args) if args.eval_k else (None, None)
-
-    def mean_of(key: str, rows: list[dict]) -> float:
-        return sum(r[key] for r in rows) / len(rows)
-
-    summary = {
-        "method": args.method, "seed": args.seed, "steps": args.steps,
-        "start_accuracy": history[0]["accuracy"], "final_accuracy": final_accuracy,
-        "eval_k": args.eval_k, "start_avg_at_k": history[0]["avg_at_k"], "final_avg_at_k": final_avg,
-        "start_pass_at_k": history[0]["pass_at_k"], "final_pass_at_k": final_pass,
-        "entropy_first10": mean_of("entropy", history[:10]),
-        "entropy_last10": mean_of("entropy", history[-10:]),
-        "final_entropy": mean_of("entropy", history[-20:]),  # the last 20 steps, as in [B]'s tables
-        "stage_step": stage_step,
-        "nonfinite_skips": nonfinite_skips, "train_time": time.time() - start,
-        "profile": {key: mean_of(key, [r["profile"] for r in history])
-                    for key in history[-1]["profile"] if key != "peak_mem_mb"},
-    }
-    peaks = [r["profile"]["peak_mem_mb"] for r in history if r["profile"]["peak_mem_mb"] is not None]
-    summary["profile"]["peak_mem_mb"] = max(peaks) if peaks else None
-    if args.profile:
-        print(format_profile("mean", summary["profile"]))
-    return summary
-
-
 # =========================================================================================
-# 8. Evaluation: greedy accuracy, and avg@k / pass@k as the papers report them
-#   avg@k  = mean over problems of c/k                (c correct among k samples)
-#   pass@k = mean over problems of 1 - C(n-c, k) / C(n, k)   (Chen et al. 2021, unbiased;
-#            with n = k samples it is the share of problems solved at least once)
-# =========================================================================================
-
-
-@torch.no_grad()
-def evaluate_greedy(model, tokenizer, problems: list[dict], args: argparse.Namespace) -> float:
-    """Fraction of held-out problems whose greedy response earns reward 1."""
-    outcomes = eval_outcomes(model, tokenizer, problems, args, 1, greedy=True)
-    return sum(o[0] for o in outcomes) / max(1, len(problems))
-
-
-@torch.no_grad()
-def eval_outcomes(model, tokenizer, problems: list[dict], args: argparse.Namespace, k: int,
-                  greedy: bool = False, temperature: float = 1.0, top_p: float = 1.0) -> list[list[float]]:
-    """1.0 / 0.0 (solved or not) for k responses to each held-out problem: k per problem."""
-    device = next(model.parameters()).device
-    eos_ids = eos_token_ids(model, tokenizer)
-    reward_fn = reward_function(args.reward, args.last_number_fallback)
-    from tqdm import tqdm
-
-    outcomes = []
-    per_batch = max(1, args.eval_batch_size // k)
-    starts = range(0, len(problems), per_batch)
-    # A transient bar, shown only on a terminal: the training bar and the log stay clean.
-    for i in tqdm(starts, desc="eval greedy" if greedy else f"eval {k} samples each",
-                  leave=False, disable=None, dynamic_ncols=True):
-        chunk = problems[i:i + per_batch]
-        prompts = [build_prompt(tokenizer, p["question"], args.instruction) for p in chunk]
-        with autocast_ctx(device, args.bf16):
-            rollout = generate_rollouts(model, tokenizer, prompts, k, args.max_new_tokens,
-                                        temperature, top_p, greedy=greedy, eos_token_ids=eos_ids)
-        texts = decode_completions(tokenizer, rollout)
-        # solved = reward above 0.5 (a NaN from a broken reward counts as unsolved)
-        outcomes += [[float(reward_fn(texts[j * k + g], p["answer"]) > 0.5) for g in range(k)]
-                     for j, p in enumerate(chunk)]
-    return outcomes
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k)."""
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
-
-
-@torch.no_grad()
-def evaluate_sampled(model, tokenizer, problems: list[dict],
-                     args: argparse.Namespace) -> tuple[float, float]:
-    """(avg@k, pass@k) over the held-out problems, k = args.eval_k samples each at
-    --eval-temperature / --eval-top-p (0.6 / 0.95 in the released runs of [A]).
-    Sampled under a forked RNG with a fixed seed: the score does not depend on when it is
-    taken, and turning it on does not change the training batches."""
-    device = next(model.parameters()).device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(args.seed + 1)
-        outcomes = eval_outcomes(model, tokenizer, problems, args, args.eval_k,
-                                 temperature=args.eval_temperature, top_p=args.eval_top_p)
-    n = len(outcomes)
-    avg = sum(sum(o) / len(o) for o in outcomes) / max(1, n)
-    pas = sum(pass_at_k(len(o), int(sum(o)), len(o)) for o in outcomes) / max(1, n)
-    return avg, pas
-
-
-# =========================================================================================
-# 9. Entropy analysis of [A], computed live (after the core path; not needed to train)
+# 11. Entropy analysis of [A], computed live, and the metrics row (not needed to train)
 # Stage: [A] splits training into a rising stage (accuracy climbs, entropy falls fast) and
 #   a plateau stage (both flatten). Our online rule: slope_x(t) = least-squares slope of x
 #   over the last w steps. The rising stage is "reward climbs and entropy falls", so we
@@ -1246,9 +1225,101 @@ def format_profile(step: int | str, profile: dict) -> str:
     return (f"[profile] step {step}: {phases} | {profile['gen_tokens_per_s']:.0f} tok/s | "
             f"peak mem {'n/a' if mem is None else f'{mem:.0f} MB'}")
 
+@torch.no_grad()
+def logp_adv_covariance(logprobs: torch.Tensor, advantages: torch.Tensor,
+                        mask: torch.Tensor) -> float:
+    """Cov(log pi(o_t), A_t) over the batch's valid tokens: (B, T) x 3 -> float.
+
+    Cui et al. (arXiv 2505.22617) show the entropy change of one policy-gradient step is
+    about -lr * this covariance: positive -> entropy falls next, negative -> it rises.
+    """
+    n = mask.sum()
+    mean_lp, mean_a = (logprobs * mask).sum() / n, (advantages * mask).sum() / n
+    return (((logprobs - mean_lp) * (advantages - mean_a) * mask).sum() / n).item()
+
+
+def peak_memory_mb(device: torch.device) -> float | None:
+    """Peak memory so far: CUDA max_memory_allocated on a GPU, else the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
+
+
+def metrics_row(step: int, out: dict, accuracy: float | None, sampled_eval: tuple,
+                pos_weight: float | None, lr: float, nonfinite_skips: int, eval_s: float,
+                device: torch.device, step_time: float, elapsed: float) -> dict:
+    """One row of metrics.jsonl from what rl_step returned (`out`); the README's "Outputs"
+    lists the fields. Uses masked_mean, high_entropy_ppl_terciles, entropy_by_position,
+    logp_adv_covariance and peak_memory_mb."""
+    rewards, mask, entropy, log_ppl = out["rewards"], out["rollout"]["completion_mask"], out["entropy"], out["log_ppl"]
+    is_pos = rewards > 0.5
+    pos, neg = is_pos[:, None] * mask, ~is_pos[:, None] * mask
+    update, phases = out["update"], out["phases"]
+    return {
+        "step": step,
+        "reward": rewards.mean().item(),
+        "accuracy": accuracy,
+        "entropy": masked_mean(entropy, mask),
+        "entropy_pos": masked_mean(entropy, pos),
+        "entropy_neg": masked_mean(entropy, neg),
+        "log_ppl": log_ppl.mean().item(),
+        "log_ppl_pos": log_ppl[is_pos].mean().item() if is_pos.any() else None,
+        "log_ppl_neg": log_ppl[~is_pos].mean().item() if (~is_pos).any() else None,
+        "high_entropy_ppl_terciles": high_entropy_ppl_terciles(entropy, mask, log_ppl),
+        "entropy_by_position": entropy_by_position(entropy, mask),
+        "response_len": mask.sum(1).mean().item(),
+        "truncated_frac": out["rollout"]["truncated"].float().mean().item(),
+        "zero_var_frac": out["zero_var"].float().mean().item(),
+        "shaping": out["shaping"],
+        "ppl_weight_min": out["ppl_weight"].min().item(),
+        "ppl_weight_max": out["ppl_weight"].max().item(),
+        "adv_abs_mean": masked_mean(out["advantages"].abs(), mask),
+        "pos_weight": pos_weight,
+        "cov_logp_adv": logp_adv_covariance(out["old_logp"], out["advantages"] * out["token_weights"], mask),
+        **{k: update[k] for k in ("loss", "clip_frac_low", "clip_frac_high", "approx_kl", "grad_norm")},
+        "lr": lr,
+        "nonfinite_skips": nonfinite_skips,
+        "avg_at_k": sampled_eval[0],
+        "pass_at_k": sampled_eval[1],
+        "step_time": step_time,
+        "time": elapsed,
+        "profile": {"eval_s": eval_s, **{f"{k}_s": v for k, v in phases.items()},
+                    "gen_tokens_per_s": mask.sum().item() / max(phases["rollout"], 1e-9),
+                    "peak_mem_mb": peak_memory_mb(device)},
+    }
+
+
+def run_summary(args: argparse.Namespace, history: list[dict], final_accuracy: float,
+                final_sampled: tuple, stage_step: int | None, nonfinite_skips: int,
+                train_time: float) -> dict:
+    """summary.json: start and final accuracy, avg@k / pass@k, entropy over the first and
+    last steps, the stage transition, skips, time, and the mean of each profile field."""
+    def mean_of(key: str, rows: list[dict]) -> float:
+        return sum(r[key] for r in rows) / len(rows)
+
+    peaks = [r["profile"]["peak_mem_mb"] for r in history if r["profile"]["peak_mem_mb"] is not None]
+    return {
+        "method": args.method, "seed": args.seed, "steps": args.steps,
+        "start_accuracy": history[0]["accuracy"], "final_accuracy": final_accuracy,
+        "eval_k": args.eval_k, "start_avg_at_k": history[0]["avg_at_k"],
+        "final_avg_at_k": final_sampled[0], "start_pass_at_k": history[0]["pass_at_k"],
+        "final_pass_at_k": final_sampled[1],
+        "entropy_first10": mean_of("entropy", history[:10]),
+        "entropy_last10": mean_of("entropy", history[-10:]),
+        "final_entropy": mean_of("entropy", history[-20:]),  # the last 20 steps, as in [B]'s tables
+        "stage_step": stage_step, "nonfinite_skips": nonfinite_skips, "train_time": train_time,
+        "profile": {**{key: mean_of(key, [r["profile"] for r in history])
+                       for key in history[-1]["profile"] if key != "peak_mem_mb"},
+                    "peak_mem_mb": max(peaks) if peaks else None},
+    }
+
 
 # =========================================================================================
-# 10. The tiny preset: a character-level tokenizer, a small Qwen2, a supervised warm-up
+# 12. The tiny preset: a character-level tokenizer, a small Qwen2, a supervised warm-up
 # Real RLVR starts from an instruct model that already answers in the right format. The
 # tiny preset gets the same starting point in seconds: a few hundred supervised steps on
 # worked solutions of the built-in task. That leaves a model that knows the format and
@@ -1257,6 +1328,43 @@ def format_profile(step: int | str, profile: dict) -> str:
 
 TINY_MODEL = {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 3,
               "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
+
+
+def make_arithmetic_problem(rng: random.Random, n_terms: tuple[int, int] = (4, 5),
+                            max_operand: int = 9, max_value: int = 19) -> dict:
+    """One built-in problem. The solution shows its work one operation per step.
+
+    question "7-1+9-7", solution "7-1=6 6+9=15 15-7=8 #### 8", answer "8".
+    Every running value stays in [0, max_value]: a small model then has a table of about
+    200 one-step facts to learn, and what makes a problem hard is chaining them.
+    """
+    value = rng.randint(1, max_operand)
+    question, steps = str(value), []
+    for _ in range(rng.randint(*n_terms) - 1):
+        term = rng.randint(1, max_operand)
+        ops = [op for op, new in (("+", value + term), ("-", value - term)) if 0 <= new <= max_value]
+        op = rng.choice(ops)  # never empty when max_value >= 2 * max_operand
+        new = value + term if op == "+" else value - term
+        question += f"{op}{term}"
+        steps.append(f"{value}{op}{term}={new}")
+        value = new
+    return {"question": question, "solution": " ".join(steps) + f" #### {value}",
+            "answer": str(value)}
+
+
+def builtin_task(n: int, seed: int, exclude: set[str] | None = None) -> list[dict]:
+    """n problems drawn with random.Random(seed), skipping questions in `exclude`.
+
+    The held-out split uses another seed and excludes every training question, so the two
+    splits share no problem.
+    """
+    rng, out, seen = random.Random(seed), [], set(exclude or ())
+    while len(out) < n:
+        p = make_arithmetic_problem(rng)
+        if p["question"] not in seen:
+            seen.add(p["question"])
+            out.append(p)
+    return out
 
 
 def build_char_tokenizer():
@@ -1385,7 +1493,7 @@ def tiny_warm_model(args: argparse.Namespace, train_set: list[dict]):
 
 
 # =========================================================================================
-# 11. Checkpoints, resume and interruptions (not needed to follow the method)
+# 13. Checkpoints, resume and interruptions (not needed to follow the method)
 # A checkpoint holds the model and tokenizer (save_pretrained) and trainer_state.pt: the
 # next step, optimizer and LR-scheduler state, every RNG state, lambda, the data order,
 # the skip count and the last accuracy. With all of it restored, a resumed CPU run
@@ -1469,9 +1577,31 @@ def restore_signal_handlers(previous: dict) -> None:
     for s, h in previous.items():
         signal.signal(s, h)
 
+def checkpoint_state(state, optimizer, scheduler, order_rng: random.Random, elapsed: float) -> dict:
+    """trainer_state.pt: the loop's state (LoopState) plus optimizer, LR scheduler, the data
+    order's RNG, every other RNG, and the seconds trained so far."""
+    return {**asdict(state), "order_rng": order_rng.getstate(), "elapsed": elapsed,
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "rng": get_rng_state()}
+
+
+def restore_training(resume: dict, state, optimizer, scheduler, order_rng: random.Random,
+                     metrics_path: Path) -> tuple[list[dict], float]:
+    """The reverse of checkpoint_state. Cuts metrics.jsonl back to the checkpoint's step
+    and returns (the rows kept, the wall-clock start that makes `time` continue)."""
+    optimizer.load_state_dict(resume["optimizer"])
+    scheduler.load_state_dict(resume["scheduler"])
+    order_rng.setstate(resume["order_rng"])
+    state.step, state.order = resume["step"], resume["order"]
+    state.nonfinite_skips, state.accuracy = resume["nonfinite_skips"], resume["accuracy"]
+    state.pos_weight = resume["pos_weight"] if "pos_weight" in resume else resume["lam"]  # older name
+    history = truncate_metrics(metrics_path, state.step)
+    set_rng_state(resume["rng"])  # last: nothing above draws from an RNG
+    return history, time.time() - resume["elapsed"]
+
 
 # =========================================================================================
-# 12. Plots and method comparison (reads run folders; not needed to train)
+# 14. Plots and method comparison (reads run folders; not needed to train)
 #   plot RUN_DIR ... -o fig.png       curves of one or more runs on shared axes
 #   compare --methods a,b --seeds N   runs each method on the same seeds, then tables them
 # =========================================================================================
@@ -1544,7 +1674,7 @@ def plot_runs(run_dirs: list[Path], out_path: Path, smooth: int = 5) -> Path:
         if run["stage_step"] is not None:
             for a in (ax[0, 0], ax[0, 1], ax[1, 0]):
                 a.axvline(run["stage_step"], c=c, ls=":", lw=1)
-        if method in ("ppl", "position") and label and not run["args"].get("shape_from_plateau"):
+        if method in ("ppl", "position") and label and run["args"].get("shape_from") != "plateau":
             lo, hi = run["args"].get("shape_from"), run["args"].get("shape_until")
             if lo is not None and hi is not None and lo < hi:  # the shaping window of [A]
                 ax[0, 1].axvspan(lo, hi, color=c, alpha=0.08, lw=0)
@@ -1754,7 +1884,7 @@ def plot_command(argv: list[str]) -> Path:
 
 
 # =========================================================================================
-# 13. Command line
+# 15. Command line
 # =========================================================================================
 
 PRESETS = {
@@ -1773,137 +1903,124 @@ PRESETS = {
 }
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def step_or_plateau(value: str) -> int | str:
+    """--shape-from: a step number, or 'plateau' (the step after the detected plateau)."""
+    if value == "plateau":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a step or 'plateau', got '{value}'") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every training flag, in groups. Flags left unset (None) take their preset's value."""
     p = argparse.ArgumentParser(
-        description="GRPO with entropy analysis and the advantage shaping of Deng et al. 2025.",
+        description="GRPO with entropy analysis, the advantage shaping of [A] (Deng et al. "
+                    "2025) and the positive/negative weights of [B] (Jin et al. 2025).",
         epilog="Subcommands: 'rlvr_entropy.py plot RUN_DIR ... -o fig.png' and "
                "'rlvr_entropy.py compare --methods grpo,ppl --seeds 3' (each has --help).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--method", default="grpo", choices=METHODS,
-      help="grpo: plain GRPO; ppl / position: perplexity- / position-based advantage shaping "
-           "[A]; posneg: positive/negative-advantage token weights [B]")
-    a("--preset", choices=sorted(PRESETS), default=None,
-      help="tiny (CPU, built-in task) or gsm8k (GPU); default: tiny without CUDA, gsm8k with it")
-    a("--seed", type=int, default=0, help="seed for data order, sampling and initialisation")
-    a("--steps", type=int, help="RL steps (preset default)")
-    a("--out-dir", default=None, help="where metrics.jsonl and the model go "
-      "(default runs/<preset>-<method>-seed<seed>)")
-    a("--save-every", type=int, default=0,
-      help="write <out-dir>/checkpoint every N steps (0: only on SIGINT/SIGTERM)")
-    a("--resume", action="store_true",
-      help="continue from <out-dir>/checkpoint. The settings that define the run must equal "
-           "the first run's; only machine and bookkeeping flags may change (--steps to "
-           "extend it, --save-every, --threads, --profile, --micro-batch-size, --device, "
-           "--eval-batch-size, --no-bf16, --gradient-checkpointing, --cache-dir)")
-    a("--overwrite", action="store_true",
-      help="start afresh in an --out-dir that already holds a run, deleting its metrics, "
-           "checkpoints, summary and model")
-    g = p.add_argument_group("data and reward")
-    g.add_argument("--model", help="hub name or local folder of a causal LM ('tiny' = built-in)")
-    g.add_argument("--dataset", help="'builtin', 'gsm8k', or a .jsonl/.json/.parquet/.csv file")
-    g.add_argument("--question-field", default="question", help="question column of --dataset PATH")
-    g.add_argument("--answer-field", default="answer", help="answer column of --dataset PATH")
-    g.add_argument("--train-size", type=int, help="built-in task: training problems")
-    g.add_argument("--eval-size", type=int, help="held-out problems for evaluation")
-    g.add_argument("--instruction", help="text appended to each question in the prompt")
-    g.add_argument("--reward", choices=("math", "math-verify"), default="math",
-                   help="math: the built-in exact reward; math-verify: the math-verify library")
-    g.add_argument("--last-number-fallback", action="store_true",
-                   help="if no '####' or \\boxed{} answer, use the last number in the text")
-    g = p.add_argument_group("rollouts")
-    g.add_argument("--prompts-per-step", type=int, help="prompts sampled per RL step")
-    g.add_argument("--group-size", type=int, help="responses per prompt (G), at least 2")
-    g.add_argument("--max-new-tokens", type=int, help="response length limit")
-    g.add_argument("--temperature", type=float, help="sampling temperature")
-    g.add_argument("--top-p", type=float, help="nucleus sampling threshold")
-    g = p.add_argument_group("advantages and shaping")
-    g.add_argument("--no-std-scaling", action="store_true",
-                   help="do not divide by the group std (Dr. GRPO)")
-    g.add_argument("--ppl-alpha", type=float, default=0.01,
-                   help="ppl: weight = clamp(1 - alpha*z, 0.8, 1.2); 0.01 as released")
-    g.add_argument("--pos-alpha", type=float, default=0.1, help="position: bonus scale alpha")
-    g.add_argument("--pos-k", type=float, default=15.0, help="position: sigmoid steepness k")
-    g.add_argument("--shape-from", default=None,
-                   help="first step with shaping (default steps/3, the release's 200 of 600), "
-                        "or 'plateau': from the step after the detected plateau stage")
-    g.add_argument("--shape-until", type=int,
-                   help="first step without shaping again (default steps/2, the release's 300 "
-                        "of 600; with --shape-from plateau: the end of the run)")
-    g.add_argument("--stage-window", type=int, default=10,
-                   help="stage detector: steps in each least-squares slope")
-    g.add_argument("--stage-frac", type=float, default=0.25,
-                   help="stage detector: plateau when both slopes fall below this fraction of "
-                        "their steepest value so far")
-    g.add_argument("--stage-patience", type=int, default=5,
-                   help="stage detector: ... for this many steps in a row")
-    g = p.add_argument_group("posneg: positive/negative-advantage weights [B]")
-    g.add_argument("--pos-weight", type=float, default=1.0,
-                   help="lambda, the loss weight of tokens with A > 0 (fixed schedule); "
-                        "0 = negative-only")
-    g.add_argument("--neg-weight", type=float, default=1.0,
-                   help="loss weight of tokens with A < 0; 0 = positive-only")
-    g.add_argument("--lambda-schedule", choices=("fixed", "stage", "epoch", "entropy"),
-                   default="fixed", help="fixed: --pos-weight; stage: 0 for half the run, then "
-                   "0->1; epoch: (e-1)/(E-1); entropy: the entropy-guided controller (from 0)")
-    g.add_argument("--entropy-target", type=float, default=0.2,
-                   help="entropy schedule: target token entropy delta")
-    g.add_argument("--lambda-step", type=float, default=0.05,
-                   help="entropy schedule: lambda change per step")
-    g.add_argument("--lambda-epochs", type=int, default=None,
-                   help="epoch schedule: E (default: passes over the training set, at least 2)")
-    g = p.add_argument_group("loss and optimisation")
-    g.add_argument("--clip-low", type=float, default=0.2, help="PPO clip epsilon_low")
-    g.add_argument("--clip-high", type=float, default=0.28, help="PPO clip epsilon_high (Clip-Higher)")
-    g.add_argument("--loss-agg", choices=("token-mean", "seq-mean-token-mean"),
-                   default="token-mean", help="how token losses are averaged")
-    g.add_argument("--updates-per-batch", type=int, help="passes over each rollout batch")
-    g.add_argument("--mini-batches", type=int, help="optimizer steps per pass")
-    g.add_argument("--micro-batch-size", type=int,
-                   help="rows per forward pass (gradient accumulation); 0 = whole mini-batch")
-    g.add_argument("--lr", type=float, help="AdamW learning rate")
-    g.add_argument("--lr-warmup-steps", type=int, help="linear LR warm-up, in RL steps")
-    g.add_argument("--weight-decay", type=float, help="AdamW weight decay")
-    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clip")
-    g = p.add_argument_group("evaluation and machine")
-    g.add_argument("--eval-every", type=int, help="greedy held-out accuracy every N steps")
-    g.add_argument("--eval-batch-size", type=int, default=256,
-                   help="responses generated per eval batch")
-    g.add_argument("--eval-k", type=int, default=8,
-                   help="avg@k and pass@k with k samples per held-out problem, at the first "
-                        "and the last step (0: off)")
-    g.add_argument("--eval-temperature", type=float, default=0.6,
-                   help="sampling temperature of avg@k/pass@k (0.6 as released)")
-    g.add_argument("--eval-top-p", type=float, default=0.95,
-                   help="top-p of avg@k/pass@k (0.95 as released)")
-    g.add_argument("--profile", action="store_true",
-                   help="print seconds per phase, generated tokens/s and peak memory each step "
-                        "and a summary at the end (also logged in metrics.jsonl either way)")
-    g.add_argument("--gradient-checkpointing", action="store_true",
-                   help="recompute activations in backward: less memory, ~30%% more compute")
-    g.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
-    g.add_argument("--threads", type=int, default=0,
-                   help="CPU threads for torch (0: torch's default)")
-    g.add_argument("--no-bf16", dest="bf16", action="store_false",
-                   help="on CUDA, run in fp32 instead of bf16 autocast")
-    g.add_argument("--trust-remote-code", action="store_true",
-                   help="allow model code from the hub (off unless you ask)")
-    g = p.add_argument_group("tiny preset warm-up")
-    g.add_argument("--warmup-steps", type=int, default=800, help="supervised warm-up steps")
-    g.add_argument("--warmup-lr", type=float, default=3e-3, help="supervised warm-up learning rate")
-    g.add_argument("--warmup-batch-size", type=int, default=32, help="supervised warm-up batch")
-    g.add_argument("--warmup-seed", type=int, default=0,
-                   help="seed of the warm-up: every RL run starts from this one model, as runs "
-                        "of a paper start from one base checkpoint")
-    g.add_argument("--warmup-show-work", type=float, default=0.3,
-                   help="fraction of warm-up targets that show their work (the rest: '#### N')")
-    g.add_argument("--warmup-mistake-rate", type=float, default=0.0,
-                   help="fraction of warm-up targets that forget the last operation: a "
-                        "confident, systematic mistake for RL to unlearn (see the README, [B])")
-    g.add_argument("--cache-dir", default=os.path.join(Path.home(), ".cache", "rlvr_entropy"),
-                   help="where the warmed-up tiny model is cached")
-    args = p.parse_args(argv)
+    a("--method", default="grpo", choices=METHODS, help="grpo; ppl or position shaping [A]; "
+      "posneg weights [B]")
+    a("--preset", choices=sorted(PRESETS), help="tiny (CPU) or gsm8k (GPU); default: gsm8k "
+      "when CUDA is found, else tiny")
+    a("--seed", type=int, default=0, help="seed of data order, sampling and initialisation")
+    a("--steps", type=int, help="RL steps")
+    a("--out-dir", help="run folder (default runs/<preset>-<method>-seed<seed>)")
+    a("--save-every", type=int, default=0, help="checkpoint every N steps (0: only on "
+      "SIGINT/SIGTERM)")
+    a("--resume", action="store_true", help="continue from <out-dir>/checkpoint with the same "
+      "run-defining flags (see the README for those that may change)")
+    a("--overwrite", action="store_true", help="replace a run already in --out-dir")
+    a = p.add_argument_group("data and reward").add_argument
+    a("--model", help="hub name or local folder of a causal LM; 'tiny': the built-in one")
+    a("--dataset", help="'builtin', 'gsm8k', or a .jsonl/.json/.parquet/.csv file")
+    a("--question-field", default="question", help="question column of a dataset file")
+    a("--answer-field", default="answer", help="answer column of a dataset file")
+    a("--train-size", type=int, help="built-in task: training problems")
+    a("--eval-size", type=int, help="held-out problems for evaluation")
+    a("--instruction", help="text appended to each question in the prompt")
+    a("--reward", choices=("math", "math-verify"), default="math", help="the built-in exact "
+      "reward, or the math-verify library")
+    a("--last-number-fallback", action="store_true", help="with no answer marker, grade the "
+      "last number in the text")
+    a = p.add_argument_group("rollouts").add_argument
+    a("--prompts-per-step", type=int, help="prompts per RL step")
+    a("--group-size", type=int, help="responses per prompt (G)")
+    a("--max-new-tokens", type=int, help="response length limit")
+    a("--temperature", type=float, help="sampling temperature T")
+    a("--top-p", type=float, help="nucleus sampling threshold")
+    a = p.add_argument_group("advantages and the shaping of [A]").add_argument
+    a("--no-std-scaling", action="store_true", help="do not divide by the group std (Dr. GRPO)")
+    a("--ppl-alpha", type=float, default=0.01, help="ppl: alpha of clamp(1 - alpha z, 0.8, 1.2)")
+    a("--pos-alpha", type=float, default=0.1, help="position: bonus scale alpha")
+    a("--pos-k", type=float, default=15.0, help="position: sigmoid steepness k")
+    a("--shape-from", type=step_or_plateau, help="first shaped step (default steps/3), or "
+      "'plateau'")
+    a("--shape-until", type=int, help="first unshaped step after it (default steps/2; the end "
+      "with 'plateau')")
+    a("--stage-window", type=int, default=10, help="stage detector: steps per slope")
+    a("--stage-frac", type=float, default=0.25, help="stage detector: plateau below this "
+      "fraction of the steepest slopes")
+    a("--stage-patience", type=int, default=5, help="stage detector: ... for this many steps")
+    a = p.add_argument_group("posneg: positive/negative-advantage weights of [B]").add_argument
+    a("--pos-weight", type=float, default=1.0, help="lambda, the weight of tokens with A > 0 "
+      "(fixed schedule); 0: negative-only")
+    a("--neg-weight", type=float, default=1.0, help="weight of tokens with A < 0; 0: "
+      "positive-only")
+    a("--lambda-schedule", choices=("fixed", "stage", "epoch", "entropy"), default="fixed",
+      help="how lambda moves")
+    a("--entropy-target", type=float, default=0.2, help="entropy schedule: delta")
+    a("--lambda-step", type=float, default=0.05, help="entropy schedule: lambda change per step")
+    a("--lambda-epochs", type=int, help="epoch schedule: E (default: passes over the data, >= 2)")
+    a = p.add_argument_group("loss and optimisation").add_argument
+    a("--clip-low", type=float, default=0.2, help="PPO clip epsilon_low")
+    a("--clip-high", type=float, default=0.28, help="PPO clip epsilon_high (Clip-Higher)")
+    a("--loss-agg", choices=("token-mean", "seq-mean-token-mean"), default="token-mean",
+      help="how token losses are averaged")
+    a("--updates-per-batch", type=int, help="passes over each rollout batch")
+    a("--mini-batches", type=int, help="optimizer steps per pass")
+    a("--micro-batch-size", type=int, help="rows per forward pass (0: whole mini-batch)")
+    a("--lr", type=float, help="AdamW learning rate")
+    a("--lr-warmup-steps", type=int, help="linear LR warm-up, in RL steps")
+    a("--weight-decay", type=float, help="AdamW weight decay")
+    a("--max-grad-norm", type=float, default=1.0, help="gradient-norm clip")
+    a = p.add_argument_group("evaluation and machine").add_argument
+    a("--eval-every", type=int, help="greedy held-out accuracy every N steps")
+    a("--eval-batch-size", type=int, default=256, help="responses per evaluation batch")
+    a("--eval-k", type=int, default=8, help="avg@k and pass@k at the first and last step "
+      "(0: off)")
+    a("--eval-temperature", type=float, default=0.6, help="T of avg@k / pass@k")
+    a("--eval-top-p", type=float, default=0.95, help="top-p of avg@k / pass@k")
+    a("--profile", action="store_true", help="print seconds per phase, tokens/s and peak "
+      "memory every step")
+    a("--gradient-checkpointing", action="store_true", help="recompute activations in "
+      "backward: less memory, more compute")
+    a("--device", help="cuda, cpu, ... (default: cuda if available)")
+    a("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    a("--no-bf16", dest="bf16", action="store_false", help="on CUDA, fp32 instead of bf16 "
+      "autocast")
+    a("--trust-remote-code", action="store_true", help="allow model code from the hub")
+    a = p.add_argument_group("tiny preset warm-up").add_argument
+    a("--warmup-steps", type=int, default=800, help="supervised warm-up steps")
+    a("--warmup-lr", type=float, default=3e-3, help="warm-up learning rate")
+    a("--warmup-batch-size", type=int, default=32, help="warm-up batch size")
+    a("--warmup-seed", type=int, default=0, help="seed of the warm-up (every RL run starts "
+      "from its one model)")
+    a("--warmup-show-work", type=float, default=0.3, help="share of warm-up targets that show "
+      "their work")
+    a("--warmup-mistake-rate", type=float, default=0.0, help="share of warm-up targets that "
+      "forget the last operation")
+    a("--cache-dir", default=os.path.join(Path.home(), ".cache", "rlvr_entropy"),
+      help="where the warmed-up tiny model is cached")
+    return p
 
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags, with the preset's values filled in and the shaping window resolved."""
+    args = build_parser().parse_args(argv)
     if args.preset is None:
         args.preset = "gsm8k" if torch.cuda.is_available() else "tiny"
         print(f"preset: {args.preset} (CUDA {'found' if args.preset == 'gsm8k' else 'not found'}; "
@@ -1911,19 +2028,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    args.shape_from_plateau = args.shape_from == "plateau"
-    if args.shape_from_plateau:  # train() sets shape_from when it detects the plateau
-        args.shape_from = args.steps
-        args.shape_until = args.steps if args.shape_until is None else args.shape_until
-    elif args.shape_from is None:
+    plateau = args.shape_from == "plateau"  # train() moves the window when it detects it
+    if args.shape_from is None:
         args.shape_from = args.steps // 3
-    else:
-        try:
-            args.shape_from = int(args.shape_from)
-        except ValueError:
-            p.error(f"argument --shape-from: expected a step or 'plateau', got '{args.shape_from}'")
     if args.shape_until is None:
-        args.shape_until = args.steps // 2
+        args.shape_until = args.steps if plateau else args.steps // 2
     if args.out_dir is None:
         args.out_dir = f"runs/{args.preset}-{args.method}-seed{args.seed}"
     return args
@@ -1977,7 +2086,7 @@ def check_args(args: argparse.Namespace) -> None:
     """Reject bad values before anything is loaded or written: one sentence, no traceback."""
     for dest, low, high, low_ok in NUMERIC_FLAGS:
         v = getattr(args, dest)
-        if v is None:  # not set, and derived later (--lambda-epochs)
+        if v is None or v == "plateau":  # derived later (--lambda-epochs), or not a number
             continue
         high_ok = dest not in OPEN_ABOVE
         ok = (math.isfinite(v) and (v >= low if low_ok else v > low)
@@ -2053,8 +2162,6 @@ def run_settings(args: argparse.Namespace) -> dict:
     if args.model != "tiny":
         unused |= {k for k in RUN_SETTINGS if k.startswith("warmup_")}
     settings = {k: getattr(args, k) for k in RUN_SETTINGS if k not in unused}
-    if args.shape_from_plateau and "shape_from" in settings:
-        settings["shape_from"] = "plateau"
     if schedule in ("stage", "epoch"):  # lambda follows the run's length
         settings["steps"] = args.steps
     return settings
@@ -2076,7 +2183,7 @@ def read_args_json(out_dir: Path) -> dict | None:
     if not isinstance(record, dict):
         return None
     record.setdefault("history", [])
-    if record.get("shape_from_plateau"):
+    if record.pop("shape_from_plateau", False):  # written by older versions
         record["shape_from"] = "plateau"
     return record
 
@@ -2208,10 +2315,9 @@ def main(argv: list[str] | None = None) -> dict:
                     "from_step": resume["step"] if resume else 0})
     values = {k: str(v) if isinstance(v, torch.device) else v for k, v in vars(args).items()}
     (out_dir / "args.json").write_text(json.dumps({**values, "history": history}, indent=1))
-    first = "plateau" if args.shape_from_plateau else args.shape_from
     print(f"{args.method} on {args.dataset} with {args.model}: {args.steps} steps, "
           f"{args.prompts_per_step} prompts x G={args.group_size}, device {args.device}; "
-          f"shaping window [{first}, {args.shape_until})")
+          f"shaping window [{args.shape_from}, {args.shape_until})")
     summary = train(args, model, tokenizer, train_set, eval_set, out_dir, resume)
     model.save_pretrained(out_dir / "model")
     tokenizer.save_pretrained(out_dir / "model")
