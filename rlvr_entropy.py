@@ -943,9 +943,12 @@ def reward_function(name: str = "math", last_number_fallback: bool = False):
 def eval_outcomes(model, tokenizer, problems: list[dict], k: int, max_new_tokens: int,
                   instruction: str = "", reward_fn=math_reward, batch_size: int = 256,
                   bf16: bool = False, eos_ids: list[int] | None = None, greedy: bool = False,
-                  temperature: float = 1.0, top_p: float = 1.0) -> list[list[float]]:
+                  temperature: float = 1.0, top_p: float = 1.0,
+                  confidences: list | None = None) -> list[list[float]]:
     """1.0 / 0.0 (solved or not) for k responses to each problem: one list of k per problem.
-    Responses come from sample_responses, batch_size at a time."""
+    Responses come from sample_responses, batch_size at a time. With a `confidences` list,
+    each response's answer_confidence is appended to it (one extra forward pass, at T = 1
+    for greedy responses)."""
     from tqdm import tqdm
 
     outcomes = []
@@ -954,11 +957,15 @@ def eval_outcomes(model, tokenizer, problems: list[dict], k: int, max_new_tokens
     for i in tqdm(range(0, len(problems), per_batch), desc="eval greedy" if greedy else f"eval {k} samples each",
                   leave=False, disable=None, dynamic_ncols=True):
         chunk = problems[i:i + per_batch]
-        _, texts = sample_responses(model, tokenizer, [p["question"] for p in chunk], k, max_new_tokens,
+        rollout, texts = sample_responses(model, tokenizer, [p["question"] for p in chunk], k, max_new_tokens,
                                     temperature, top_p, greedy, instruction, eos_ids, bf16)
         # solved = reward above 0.5 (a NaN from a broken reward counts as unsolved)
         outcomes += [[float(reward_fn(texts[j * k + g], p["answer"]) > 0.5) for g in range(k)]
                      for j, p in enumerate(chunk)]
+        if confidences is not None:
+            logp, _ = old_policy_stats(model, rollout, 1.0 if greedy else temperature, 16, bf16)
+            confidences += answer_confidence(tokenizer, rollout["completion_ids"],
+                                             rollout["completion_mask"], logp, texts).tolist()
     return outcomes
 
 
@@ -967,6 +974,19 @@ def evaluate_greedy(model, tokenizer, problems: list[dict], max_new_tokens: int,
     eval_outcomes (instruction, reward_fn, batch_size, bf16, eos_ids)."""
     outcomes = eval_outcomes(model, tokenizer, problems, 1, max_new_tokens, greedy=True, **eval_kw)
     return sum(o[0] for o in outcomes) / max(1, len(problems))
+
+
+def greedy_calibration(model, tokenizer, problems: list[dict], max_new_tokens: int,
+                       **eval_kw) -> dict:
+    """Greedy accuracy with the calibration of [B]: ECE (10 bins, expected_calibration_error)
+    of the confidence in each greedy answer (answer_confidence) against its correctness,
+    and the mean confidence. eval_kw: as for evaluate_greedy. -> {accuracy, ece, confidence}."""
+    confidences: list[float] = []
+    outcomes = eval_outcomes(model, tokenizer, problems, 1, max_new_tokens, greedy=True,
+                             confidences=confidences, **eval_kw)
+    correct, conf = torch.tensor([o[0] for o in outcomes]), torch.tensor(confidences)
+    return {"accuracy": sum(o[0] for o in outcomes) / max(1, len(problems)),  # as evaluate_greedy
+            "ece": expected_calibration_error(conf, correct), "confidence": conf.mean().item()}
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -1071,11 +1091,12 @@ def train(args: argparse.Namespace, model, tokenizer, train_set: list[dict],
     bar = tqdm(range(state.step, args.steps), desc=args.method, dynamic_ncols=True,
                initial=state.step, total=args.steps)
     for step in bar:
-        t0, tic, sampled_eval = time.time(), now(), (None, None)
+        t0, tic, sampled_eval, calibration = time.time(), now(), (None, None), None
         if device.type == "cuda":  # peak_mem_mb is this step's peak, printed or not
             torch.cuda.reset_peak_memory_stats(device)
         if step % args.eval_every == 0:  # the policy that is about to sample this step's batch
-            state.accuracy = evaluate_greedy(model, tokenizer, eval_set, **eval_kw)
+            calibration = greedy_calibration(model, tokenizer, eval_set, **eval_kw)
+            state.accuracy = calibration["accuracy"]
         if step == 0 and args.eval_k:
             sampled_eval = evaluate_sampled(model, tokenizer, eval_set, args.eval_k, args.eval_temperature,
                                             args.eval_top_p, seed=args.seed + 1, **eval_kw)
@@ -1087,6 +1108,13 @@ def train(args: argparse.Namespace, model, tokenizer, train_set: list[dict],
         out = rl_step(model, tokenizer, optimizer, [p["question"] for p in batch],
                       [p["answer"] for p in batch], cfg, reward_fn, eos_ids, state.pos_weight,
                       shaping_active(args.method, step, state.shape_from, args.shape_until), now)
+        movement, tic = None, now()
+        if args.token_dynamics_every and step % args.token_dynamics_every == 0:  # [A]: what moved
+            new_logp, _ = old_policy_stats(model, out["rollout"], args.temperature,
+                                           args.micro_batch_size, args.bf16)
+            movement = token_movement(out["old_logp"], new_logp, out["entropy"],
+                                      out["rollout"]["completion_mask"], out["log_ppl"])
+        out["phases"]["token_dynamics"] = now() - tic
         scheduler.step()
         state.nonfinite_skips += out["update"]["skipped_updates"]
         if out["update"]["skipped_updates"]:
@@ -1095,7 +1123,8 @@ def train(args: argparse.Namespace, model, tokenizer, train_set: list[dict],
         row = metrics_row(step, out, state.accuracy if step % args.eval_every == 0 else None,
                           sampled_eval, state.pos_weight if args.method == "posneg" else None,
                           scheduler.get_last_lr()[0], state.nonfinite_skips, eval_s, device,
-                          time.time() - t0, time.time() - start)
+                          time.time() - t0, time.time() - start, args.group_size, calibration,
+                          movement)
         if state.stage_step is None:  # online: only the rows logged so far
             state.stage_step = detect_plateau([r["entropy"] for r in history] + [row["entropy"]],
                                               [r["reward"] for r in history] + [row["reward"]],
@@ -1127,11 +1156,11 @@ def train(args: argparse.Namespace, model, tokenizer, train_set: list[dict],
                   f"saved in {out_dir / 'checkpoint'}. Resume with the same command plus --resume")
             raise SystemExit(128 + stop["signum"])
     restore_signal_handlers(previous_handlers)
-    final_accuracy = evaluate_greedy(model, tokenizer, eval_set, **eval_kw)
+    final_calibration = greedy_calibration(model, tokenizer, eval_set, **eval_kw)
     final_sampled = (evaluate_sampled(model, tokenizer, eval_set, args.eval_k, args.eval_temperature,
                                       args.eval_top_p, seed=args.seed + 1, **eval_kw)
                      if args.eval_k else (None, None))
-    summary = run_summary(args, history, final_accuracy, final_sampled, state.stage_step,
+    summary = run_summary(args, history, final_calibration, final_sampled, state.stage_step,
                           state.nonfinite_skips, time.time() - start)
     if args.profile:
         print(format_profile("mean", summary["profile"]))
@@ -1189,37 +1218,135 @@ def detect_plateau(entropy: list[float], reward: list[float], window: int = 10,
     return None
 
 
+def ppl_tercile(log_ppl: torch.Tensor) -> torch.Tensor:
+    """Tercile of each response by rank of its log-PPL: (B,) -> (B,) in {0 lowest, 1, 2}."""
+    rank = torch.empty_like(log_ppl, dtype=torch.long)
+    rank[log_ppl.argsort(stable=True)] = torch.arange(len(log_ppl), device=log_ppl.device)
+    return rank * 3 // len(log_ppl)
+
+
+def position_bin(mask: torch.Tensor, bins: int = 10) -> torch.Tensor:
+    """Relative-position bin of each token: token t of a response of length L is in bin
+    floor(bins * t / L). (B, T) -> (B, T) long."""
+    lengths = mask.sum(1, keepdim=True).clamp(min=1)
+    t = torch.arange(mask.shape[1], device=mask.device)[None, :].float()
+    return (bins * t / lengths).floor().long().clamp(max=bins - 1)
+
+
 def high_entropy_ppl_terciles(entropy: torch.Tensor, mask: torch.Tensor, log_ppl: torch.Tensor,
                               top_frac: float = 0.2) -> list[float]:
     """Share of the batch's high-entropy tokens (top `top_frac` of valid tokens) inside
-    responses of low / middle / high perplexity (terciles of the B responses by rank).
+    responses of low / middle / high perplexity (ppl_tercile).
     (B, T), (B, T), (B,) -> [low, mid, high], summing to 1."""
     valid = mask > 0
     threshold = torch.quantile(entropy[valid].float(), 1 - top_frac)
     high = ((entropy >= threshold) & valid).sum(1).float()  # (B,) high-entropy tokens per response
-    rank = torch.empty_like(log_ppl, dtype=torch.long)
-    rank[log_ppl.argsort(stable=True)] = torch.arange(len(log_ppl), device=log_ppl.device)
-    tercile = rank * 3 // len(log_ppl)  # 0 = lowest PPL
-    total = high.sum().clamp(min=1)
+    tercile, total = ppl_tercile(log_ppl), high.sum().clamp(min=1)
     return [(high[tercile == k].sum() / total).item() for k in range(3)]
 
 
 def entropy_by_position(entropy: torch.Tensor, mask: torch.Tensor, bins: int = 10) -> list[float | None]:
-    """Mean token entropy per relative-position bin: token t of a response of length L is in
-    bin floor(bins * t / L). (B, T), (B, T) -> `bins` values (None for an empty bin)."""
-    lengths = mask.sum(1, keepdim=True).clamp(min=1)
-    t = torch.arange(mask.shape[1], device=mask.device)[None, :].float()
-    which = (bins * t / lengths).floor().long().clamp(max=bins - 1)
-    out = []
+    """Mean token entropy per relative-position bin (position_bin).
+    (B, T), (B, T) -> `bins` values (None for an empty bin)."""
+    which, out = position_bin(mask, bins), []
     for b in range(bins):
         sel = (which == b) & (mask > 0)
         out.append(entropy[sel].mean().item() if sel.any() else None)
     return out
 
 
+# --- [B]'s diversity and calibration, and [A]'s token dynamics ---------------------------
+
+
+def distinct_answers(texts: list[str], group_size: int) -> float:
+    """Mean over groups of the number of distinct final answers among its G responses:
+    answers compared as math_reward compares them (parse_number, else normalize_answer),
+    "no answer" counting as one value. B texts -> a float in [1, G]. Collapse shows up as
+    fewer distinct answers ([B])."""
+    keys = [None if (a := extract_answer(t)) is None else
+            (parse_number(n := normalize_answer(a)) or n) for t in texts]
+    groups = [keys[i:i + group_size] for i in range(0, len(keys), group_size)]
+    return sum(len(set(g)) for g in groups) / len(groups)
+
+
+def distinct_ngram_ratio(completion_ids: torch.Tensor, mask: torch.Tensor, group_size: int,
+                         n: int) -> float | None:
+    """distinct-n (Li et al. 2016) per group: |distinct token n-grams| / |token n-grams| over
+    the valid tokens of its G responses (EOS included); the mean over groups that have an
+    n-gram. (B, T) ids, (B, T) mask -> a float in (0, 1], or None."""
+    ids, lengths, ratios = completion_ids.tolist(), mask.sum(1).long().tolist(), []
+    for g in range(0, len(ids), group_size):
+        grams = [tuple(row[t:t + n]) for row, L in zip(ids[g:g + group_size], lengths[g:g + group_size])
+                 for t in range(L - n + 1)]
+        if grams:
+            ratios.append(len(set(grams)) / len(grams))
+    return sum(ratios) / len(ratios) if ratios else None
+
+
+def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor,
+                               bins: int = 10) -> float:
+    """ECE = sum_b (n_b / N) |acc_b - conf_b| over equal-width confidence bins
+    [b/bins, (b+1)/bins), the last one closed at 1. (N,), (N,) -> float in [0, 1]."""
+    which = (confidence * bins).long().clamp(0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        sel = which == b
+        if sel.any():
+            ece += sel.float().mean().item() * abs(correct[sel].float().mean().item()
+                                                   - confidence[sel].float().mean().item())
+    return ece
+
+
+def answer_confidence(tokenizer, completion_ids: torch.Tensor, mask: torch.Tensor,
+                      logprobs: torch.Tensor, texts: list[str]) -> torch.Tensor:
+    """The model's confidence in each response's final answer: the product of pi(o_t) over
+    the tokens that spell the answer (their characters overlap the answer's last occurrence
+    in the text, found with extract_answer); 0 when there is no answer. If the answer's text
+    cannot be located, the whole response's tokens count. (B, T) x 3, B texts -> (B,)."""
+    out = []
+    for row, L, lp, text in zip(completion_ids.tolist(), mask.sum(1).long().tolist(),
+                                logprobs.tolist(), texts):
+        answer = (extract_answer(text) or "").strip()
+        if not answer:
+            out.append(0.0)
+            continue
+        pieces = [tokenizer.decode([i], skip_special_tokens=True) for i in row[:L]]
+        start, pos, total = "".join(pieces).rfind(answer), 0, 0.0
+        for t, piece in enumerate(pieces):
+            if start < 0 or (pos < start + len(answer) and pos + len(piece) > start):
+                total += lp[t]
+            pos += len(piece)
+        out.append(math.exp(total))
+    return torch.tensor(out)
+
+
+@torch.no_grad()
+def token_movement(old_logp: torch.Tensor, new_logp: torch.Tensor, entropy: torch.Tensor,
+                   mask: torch.Tensor, log_ppl: torch.Tensor, top_frac: float = 0.2,
+                   still: float = 0.01, bins: int = 10) -> dict:
+    """What one step's updates moved, token by token ([A]'s plateau-stage analysis):
+      d_t = |log pi_new(o_t) - log pi_old(o_t)|,  M = sum of d_t over valid tokens
+      barely_moved       share of valid tokens with |pi_new(o_t) - pi_old(o_t)| < still
+      move_high_entropy  sum of d_t over the top `top_frac` entropy tokens / M
+      move_ppl_terciles  [sum of d_t in low / mid / high log-PPL responses] / M (ppl_tercile)
+      move_by_position   [sum of d_t in each relative-position bin] / M (position_bin)
+    (B, T) x 4, (B,) -> dict. entropy and log-PPL are the sampling policy's."""
+    valid = mask > 0
+    d = torch.where(valid, (new_logp - old_logp).abs(), 0.0)
+    total = d.sum().clamp(min=1e-12)
+    still_frac = ((new_logp.exp() - old_logp.exp()).abs() < still)[valid].float().mean().item()
+    high = valid & (entropy >= torch.quantile(entropy[valid].float(), 1 - top_frac))
+    per_response, tercile, which = d.sum(1), ppl_tercile(log_ppl), position_bin(mask, bins)
+    return {"barely_moved": still_frac,
+            "move_high_entropy": (d[high].sum() / total).item(),
+            "move_ppl_terciles": [(per_response[tercile == k].sum() / total).item() for k in range(3)],
+            "move_by_position": [(d[which == b].sum() / total).item() for b in range(bins)]}
+
+
 def format_profile(step: int | str, profile: dict) -> str:
     """One line of --profile output: seconds per phase, tokens/s and peak memory."""
-    order = ("eval_s", "rollout_s", "reward_s", "old_logp_s", "loss_backward_s", "optimizer_s")
+    order = ("eval_s", "rollout_s", "reward_s", "old_logp_s", "loss_backward_s", "optimizer_s",
+             "token_dynamics_s")
     phases = " ".join(f"{k[:-2]} {profile[k]:.3f}s" for k in order if k in profile)
     mem = profile.get("peak_mem_mb")
     return (f"[profile] step {step}: {phases} | {profile['gen_tokens_per_s']:.0f} tok/s | "
@@ -1251,10 +1378,13 @@ def peak_memory_mb(device: torch.device) -> float | None:
 
 def metrics_row(step: int, out: dict, accuracy: float | None, sampled_eval: tuple,
                 pos_weight: float | None, lr: float, nonfinite_skips: int, eval_s: float,
-                device: torch.device, step_time: float, elapsed: float) -> dict:
-    """One row of metrics.jsonl from what rl_step returned (`out`); the README's "Outputs"
-    lists the fields. Uses masked_mean, high_entropy_ppl_terciles, entropy_by_position,
-    logp_adv_covariance and peak_memory_mb."""
+                device: torch.device, step_time: float, elapsed: float, group_size: int,
+                calibration: dict | None = None, movement: dict | None = None) -> dict:
+    """One row of metrics.jsonl from what rl_step returned (`out`), the step's greedy_calibration
+    (None between evaluations) and token_movement (None between its steps); the README's
+    "Outputs" lists the fields. Uses masked_mean, high_entropy_ppl_terciles,
+    entropy_by_position, logp_adv_covariance, distinct_answers, distinct_ngram_ratio and
+    peak_memory_mb."""
     rewards, mask, entropy, log_ppl = out["rewards"], out["rollout"]["completion_mask"], out["entropy"], out["log_ppl"]
     is_pos = rewards > 0.5
     pos, neg = is_pos[:, None] * mask, ~is_pos[:, None] * mask
@@ -1271,6 +1401,13 @@ def metrics_row(step: int, out: dict, accuracy: float | None, sampled_eval: tupl
         "log_ppl_neg": log_ppl[~is_pos].mean().item() if (~is_pos).any() else None,
         "high_entropy_ppl_terciles": high_entropy_ppl_terciles(entropy, mask, log_ppl),
         "entropy_by_position": entropy_by_position(entropy, mask),
+        "distinct_answers": distinct_answers(out["texts"], group_size),
+        **{f"distinct_{n}": distinct_ngram_ratio(out["rollout"]["completion_ids"], mask, group_size, n)
+           for n in (1, 2, 3)},
+        "ece": calibration and calibration["ece"],
+        "confidence": calibration and calibration["confidence"],
+        **{k: movement and movement[k] for k in ("barely_moved", "move_high_entropy",
+                                                  "move_ppl_terciles", "move_by_position")},
         "response_len": mask.sum(1).mean().item(),
         "truncated_frac": out["rollout"]["truncated"].float().mean().item(),
         "zero_var_frac": out["zero_var"].float().mean().item(),
@@ -1293,18 +1430,21 @@ def metrics_row(step: int, out: dict, accuracy: float | None, sampled_eval: tupl
     }
 
 
-def run_summary(args: argparse.Namespace, history: list[dict], final_accuracy: float,
+def run_summary(args: argparse.Namespace, history: list[dict], final: dict,
                 final_sampled: tuple, stage_step: int | None, nonfinite_skips: int,
                 train_time: float) -> dict:
-    """summary.json: start and final accuracy, avg@k / pass@k, entropy over the first and
-    last steps, the stage transition, skips, time, and the mean of each profile field."""
+    """summary.json: start and final accuracy and calibration (`final`: greedy_calibration
+    after the last step), avg@k / pass@k, entropy over the first and last steps, the stage
+    transition, skips, time, and the mean of each profile field."""
     def mean_of(key: str, rows: list[dict]) -> float:
         return sum(r[key] for r in rows) / len(rows)
 
     peaks = [r["profile"]["peak_mem_mb"] for r in history if r["profile"]["peak_mem_mb"] is not None]
     return {
         "method": args.method, "seed": args.seed, "steps": args.steps,
-        "start_accuracy": history[0]["accuracy"], "final_accuracy": final_accuracy,
+        "start_accuracy": history[0]["accuracy"], "final_accuracy": final["accuracy"],
+        "start_ece": history[0]["ece"], "final_ece": final["ece"],
+        "start_confidence": history[0]["confidence"], "final_confidence": final["confidence"],
         "eval_k": args.eval_k, "start_avg_at_k": history[0]["avg_at_k"],
         "final_avg_at_k": final_sampled[0], "start_pass_at_k": history[0]["pass_at_k"],
         "final_pass_at_k": final_sampled[1],
@@ -1650,7 +1790,7 @@ def plot_runs(run_dirs: list[Path], out_path: Path, smooth: int = 5) -> Path:
     runs = [read_run(Path(d)) for d in run_dirs]
     methods = list(dict.fromkeys(r["args"].get("method", "?") for r in runs))
     colour = {m: f"C{i}" for i, m in enumerate(methods)}
-    fig, ax = plt.subplots(2, 2, figsize=(12, 8.5))
+    fig, ax = plt.subplots(3, 3, figsize=(18, 12.5))
     labelled = set()
     for run in runs:
         rows, method = run["rows"], run["args"].get("method", "?")
@@ -1688,11 +1828,20 @@ def plot_runs(run_dirs: list[Path], out_path: Path, smooth: int = 5) -> Path:
             ax[1, 1].plot([b * 10 + 5 for b in range(10)], profile, c=c, ls=ls, marker=".",
                           label=label and f"{label}: {name} ({'first' if name == 'early' else 'last'}"
                                           f" {n} steps)")
-    titles = [(f"reward ({smooth}-step mean) and held-out accuracy; dotted: plateau starts", "step"),
-              (f"token entropy ({smooth}-step mean); shaded: shaping window", "step"),
-              ("entropy of positive vs negative responses", "step"),
-              ("entropy by relative position in the response", "position (% of response)")]
-    for a, (title, xlabel) in zip(ax.flat, titles):
+        plot_analysis_panels(ax, run, c, label, smooth)
+    titles = {(0, 0): (f"reward ({smooth}-step mean) and held-out accuracy; dotted: plateau starts", "step"),
+              (0, 1): (f"token entropy ({smooth}-step mean); shaded: shaping window", "step"),
+              (1, 0): ("entropy of positive vs negative responses", "step"),
+              (1, 1): ("entropy by relative position in the response", "position (% of response)"),
+              (0, 2): (f"diversity [B]: distinct final answers per group ({smooth}-step mean)", "step"),
+              (1, 2): ("distinct-n of each group's responses: n = 1 (dotted), 2 (solid), 3 (dashed)", "step"),
+              (2, 0): ("calibration [B]: ECE (solid), mean confidence (dashed), accuracy (dotted)", "step"),
+              (2, 1): ("token movement [A]: barely moved (solid), top-20% entropy (dashed), low-PPL third (dotted)",
+                       "step"),
+              (2, 2): ("share of the movement by relative position (mean over logged steps)",
+                       "position (% of response)")}
+    for (i, j), (title, xlabel) in titles.items():
+        a = ax[i, j]
         a.set_title(title, fontsize=10)
         a.set_xlabel(xlabel)
         a.grid(alpha=0.3)
@@ -1706,6 +1855,32 @@ def plot_runs(run_dirs: list[Path], out_path: Path, smooth: int = 5) -> Path:
     finally:
         plt.close(fig)
     return out_path
+
+
+def plot_analysis_panels(ax, run: dict, c: str, label: str | None, smooth: int) -> None:
+    """The panels of diversity, calibration and token movement (section 11) for one run."""
+    rows = run["rows"]
+
+    def series(key, pick=lambda v: v):
+        pts = [(r["step"], pick(r[key])) for r in rows if r.get(key) is not None]
+        return list(zip(*pts)) if pts else ([], [])
+
+    steps = [r["step"] for r in rows]
+    ax[0, 2].plot(steps, moving_average([r.get("distinct_answers") for r in rows], smooth), c=c,
+                  lw=1, label=label)
+    for n, ls in ((1, ":"), (2, "-"), (3, "--")):
+        ax[1, 2].plot(steps, moving_average([r.get(f"distinct_{n}") for r in rows], smooth), c=c,
+                      lw=1, ls=ls, label=label if n == 2 else None)
+    for key, ls in (("ece", "-"), ("confidence", "--"), ("accuracy", ":")):
+        ax[2, 0].plot(*series(key), c=c, ls=ls, marker=".", lw=1, label=label if key == "ece" else None)
+    for key, pick, ls in (("barely_moved", None, "-"), ("move_high_entropy", None, "--"),
+                          ("move_ppl_terciles", lambda v: v[0], ":")):
+        ax[2, 1].plot(*series(key, pick or (lambda v: v)), c=c, ls=ls, lw=1,
+                      label=label if ls == "-" else None)
+    profiles = [r["move_by_position"] for r in rows if r.get("move_by_position")]
+    if profiles:
+        mean = [sum(p[b] for p in profiles) / len(profiles) for b in range(len(profiles[0]))]
+        ax[2, 2].plot([b * 10 + 5 for b in range(len(mean))], mean, c=c, marker=".", label=label)
 
 
 def mean_std(values: list[float | None], digits: int = 3) -> str:
@@ -1892,12 +2067,13 @@ PRESETS = {
              "group_size": 8, "max_new_tokens": 48, "temperature": 1.0, "top_p": 1.0,
              "lr": 2e-4, "lr_warmup_steps": 0, "weight_decay": 0.0, "updates_per_batch": 1,
              "mini_batches": 2, "micro_batch_size": 64, "eval_every": 10, "eval_size": 500,
-             "train_size": 5000, "instruction": ""},
+             "train_size": 5000, "instruction": "", "token_dynamics_every": 5},
     "gsm8k": {"model": "Qwen/Qwen2.5-0.5B-Instruct", "dataset": "gsm8k", "steps": 300,
               "prompts_per_step": 16, "group_size": 8, "max_new_tokens": 512,
               "temperature": 1.0, "top_p": 1.0, "lr": 1e-6, "lr_warmup_steps": 10,
               "weight_decay": 0.1, "updates_per_batch": 1, "mini_batches": 4,
               "micro_batch_size": 8, "eval_every": 25, "eval_size": 200, "train_size": 0,
+              "token_dynamics_every": 25,
               "instruction": "Please reason step by step, and put your final answer "
                              "within \\boxed{}."},
 }
@@ -1994,6 +2170,8 @@ def build_parser() -> argparse.ArgumentParser:
       "(0: off)")
     a("--eval-temperature", type=float, default=0.6, help="T of avg@k / pass@k")
     a("--eval-top-p", type=float, default=0.95, help="top-p of avg@k / pass@k")
+    a("--token-dynamics-every", type=int, help="every N steps, log which tokens the update "
+      "moved (one extra forward; 0: off)")
     a("--profile", action="store_true", help="print seconds per phase, tokens/s and peak "
       "memory every step")
     a("--gradient-checkpointing", action="store_true", help="recompute activations in "
@@ -2070,7 +2248,8 @@ NUMERIC_FLAGS = [
     ("updates_per_batch", 1, None, True), ("mini_batches", 1, None, True),
     ("micro_batch_size", 0, None, True), ("lr", 0, None, False), ("lr_warmup_steps", 0, None, True),
     ("weight_decay", 0, None, True), ("max_grad_norm", 0, None, False),
-    ("eval_every", 1, None, True), ("eval_batch_size", 1, None, True), ("eval_k", 0, None, True),
+    ("eval_every", 1, None, True), ("token_dynamics_every", 0, None, True),
+    ("eval_batch_size", 1, None, True), ("eval_k", 0, None, True),
     ("eval_temperature", 0, None, False), ("eval_top_p", 0, 1, False), ("threads", 0, None, True),
     ("warmup_steps", 1, None, True), ("warmup_lr", 0, None, False),
     ("warmup_batch_size", 1, None, True), ("warmup_seed", 0, None, True),

@@ -588,9 +588,10 @@ def test_metrics_equal_those_recorded_before_the_refactor(tmp_path, name):
     out = tmp_path / name
     R.main(["--preset", "tiny", "--out-dir", str(out), "--cache-dir", str(HERE / ".pytest_cache" / "golden"),
             *GOLDEN["small"], *run["flags"]])
-    rows = [{k: v for k, v in r.items() if k not in ("time", "step_time", "profile")}
-            for r in R.read_metrics(out / "metrics.jsonl")]
-    assert rows == run["rows"]  # every field of every row
+    rows = R.read_metrics(out / "metrics.jsonl")
+    assert len(rows) == len(run["rows"])
+    for row, recorded in zip(rows, run["rows"]):  # every recorded field; later ones are additions
+        assert {k: row[k] for k in recorded} == recorded
 
 
 def test_rl_step_with_equal_rewards_leaves_the_weights_alone(tiny):
@@ -1338,6 +1339,13 @@ def test_new_views_are_logged_every_step(tmp_path):
     for r in rows:
         assert len(r["entropy_by_position"]) == 10
         assert sum(r["high_entropy_ppl_terciles"]) == pytest.approx(1.0)
+        assert r["distinct_answers"] >= 1 and r["distinct_1"] <= 1
+    dynamics = [r for r in rows if r["move_by_position"] is not None]
+    assert [r["step"] for r in dynamics] == [0]  # every 5 steps in the tiny preset
+    moved = 1.0 if dynamics[0]["grad_norm"] else 0.0  # shares of the movement, if anything moved
+    assert sum(dynamics[0]["move_by_position"]) == pytest.approx(moved)
+    assert sum(dynamics[0]["move_ppl_terciles"]) == pytest.approx(moved)
+    assert [r["ece"] is not None for r in rows] == [r["accuracy"] is not None for r in rows]
     # avg@k / pass@k at step 0 and at the end, recomputed from the models on disk
     from transformers import AutoModelForCausalLM
 
@@ -1441,3 +1449,76 @@ def test_core_path_reads_in_one_sitting():
         if isinstance(node, ast.FunctionDef):
             first = node.decorator_list[0].lineno if node.decorator_list else node.lineno
             assert node.end_lineno - first + 1 <= 120, node.name
+
+
+# ----------------------------------------------------------------------------- diversity, calibration, token dynamics
+
+
+def test_distinct_answers_by_hand():
+    texts = ["#### 5", "#### 5", "no answer",            # group 1: {5, none} -> 2
+             "\\boxed{7}", "#### 7.0", "#### 8"]         # group 2: 7 = 7.0, 8 -> 2
+    assert R.distinct_answers(texts, 3) == 2.0
+    assert R.distinct_answers(["#### 1", "#### 2", "#### 3"], 3) == 3.0
+
+
+def test_distinct_ngram_ratio_by_hand():
+    ids = torch.tensor([[1, 2, 1, 2], [1, 2, 3, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    # unigrams 1 2 1 2 1 2 3: 3 distinct of 7; bigrams (1,2) (2,1) (1,2) (1,2) (2,3): 3 of 5
+    assert R.distinct_ngram_ratio(ids, mask, 2, 1) == pytest.approx(3 / 7)
+    assert R.distinct_ngram_ratio(ids, mask, 2, 2) == pytest.approx(3 / 5)
+    # two groups of one response: (1,2,1) (2,1,2) -> 2/2; (1,2,3) -> 1/1
+    assert R.distinct_ngram_ratio(ids, mask, 1, 3) == pytest.approx(1.0)
+    assert R.distinct_ngram_ratio(ids, mask, 1, 1) == pytest.approx((2 / 4 + 3 / 3) / 2)
+
+
+def test_expected_calibration_error_by_hand():
+    conf = torch.tensor([0.95, 0.95, 0.15, 0.55, 1.0])
+    correct = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0])
+    # bin 9 holds 0.95, 0.95, 1.0: acc 2/3, conf 0.9667 -> 3/5 * 0.3; bin 1: 1/5 * 0.15;
+    # bin 5: 1/5 * 0.45
+    assert R.expected_calibration_error(conf, correct) == pytest.approx(0.6 * 0.3 + 0.2 * 0.15 + 0.2 * 0.45)
+    assert R.expected_calibration_error(torch.tensor([0.7, 0.7]), torch.tensor([1.0, 0.0])) == pytest.approx(0.2)
+
+
+def test_answer_confidence_multiplies_the_answer_tokens(tiny):
+    _, tok = tiny
+    texts = ["1+2=3 #### 12", "no marker 5", "#### 3"]
+    ids = [tok(t, add_special_tokens=False).input_ids for t in texts]
+    T = max(map(len, ids))
+    comp = torch.tensor([r + [tok.pad_token_id] * (T - len(r)) for r in ids])
+    mask = torch.tensor([[1.0] * len(r) + [0.0] * (T - len(r)) for r in ids])
+    lp = -0.1 * torch.arange(1, T + 1, dtype=torch.float).repeat(3, 1)  # token t: -0.1 (t + 1)
+    conf = R.answer_confidence(tok, comp, mask, lp, texts)
+    n = len(texts[0])  # '1' and '2' of '12' are the last two characters, one token each
+    assert conf[0].item() == pytest.approx(math.exp(-0.1 * (n - 1) - 0.1 * n))
+    assert conf[1].item() == 0.0                         # no answer: no confidence
+    assert conf[2].item() == pytest.approx(math.exp(-0.1 * 6))  # '3' is the 6th character
+
+
+def test_token_movement_by_hand():
+    mask = torch.tensor([[1.0, 1, 1], [1, 1, 0]])
+    old = torch.tensor([[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]]).log()
+    new = torch.tensor([[0.5, 0.6, 0.5], [0.25, 0.5, 0.9]]).log()  # the 0.9 is padding
+    entropy = torch.tensor([[0.1, 0.9, 0.2], [0.8, 0.3, 5.0]])
+    got = R.token_movement(old, new, entropy, mask, torch.tensor([1.0, 2.0]))
+    d1, d2 = math.log(1.2), math.log(2.0)                # the two tokens that moved
+    total = d1 + d2
+    assert got["barely_moved"] == pytest.approx(3 / 5)  # |dp| 0, .1, 0, .25, 0 against 0.01
+    # top 20% entropy among .1 .9 .2 .8 .3: above the 0.8 quantile 0.82, only the 0.9 token
+    assert got["move_high_entropy"] == pytest.approx(d1 / total)
+    assert got["move_ppl_terciles"] == pytest.approx([d1 / total, d2 / total, 0.0])
+    # positions: row 0 (L = 3) in bins 0, 3, 6; row 1 (L = 2) in bins 0, 5
+    expected = [0.0] * 10
+    expected[0], expected[3] = d2 / total, d1 / total
+    assert got["move_by_position"] == pytest.approx(expected)
+
+
+def test_greedy_calibration_when_every_answer_is_right(tiny):
+    """Rewarded 1 everywhere, ECE = mean |1 - confidence| = 1 - mean confidence."""
+    model, tok = tiny
+    problems = R.builtin_task(12, seed=1)
+    got = R.greedy_calibration(model, tok, problems, 12, reward_fn=lambda text, gold: 1.0)
+    assert got["accuracy"] == 1.0
+    assert got["ece"] == pytest.approx(1 - got["confidence"], abs=1e-6)
+    assert got["accuracy"] == R.evaluate_greedy(model, tok, problems, 12, reward_fn=lambda t, g: 1.0)
