@@ -2513,6 +2513,9 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop, or a second one inside it
+        raise SystemExit("interrupted: the rows logged so far stay in metrics.jsonl; continue "
+                         "from the last checkpoint, if any, with --resume") from None
     except OSError as e:  # disk full, a folder removed mid-run, ...: a sentence, not a traceback
         raise SystemExit(f"error: {e.strerror or e}"
                          + (f": {e.filename}" if e.filename else "")) from None

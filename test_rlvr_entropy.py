@@ -682,6 +682,27 @@ def test_cli_errors_have_no_traceback(tmp_path, argv, message):
     assert message in proc.stderr  # each command's own message, not another's
 
 
+def test_ctrl_c_during_the_warm_up_is_one_sentence(tmp_path):
+    # Python's own SIGINT handler, set explicitly: a job started in the background inherits
+    # SIGINT ignored, and Ctrl-C would then never arrive
+    script = (f"import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+              f"sys.argv = ['rlvr_entropy.py', '--preset', 'tiny', '--out-dir', {str(tmp_path / 'o')!r}, "
+              f"'--cache-dir', {str(tmp_path / 'c')!r}, '--warmup-steps', '100000']; "
+              f"runpy.run_path({str(HERE / 'rlvr_entropy.py')!r}, run_name='__main__')")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while "warm-up:" not in (proc.stdout.readline() or "") and time.time() < deadline:
+        pass  # wait until the warm-up has started
+    proc.send_signal(signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("interrupted: ")
+
+
 # Every numeric flag, with values outside its range written by hand from its meaning.
 HAND_BAD = [("--lr", "nan"), ("--lr", "0"), ("--lr", "-1e-4"), ("--lr", "inf"),
             ("--temperature", "0"), ("--temperature", "nan"), ("--top-p", "0"), ("--top-p", "1.5"),
