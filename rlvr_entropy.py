@@ -944,11 +944,11 @@ def eval_outcomes(model, tokenizer, problems: list[dict], k: int, max_new_tokens
                   instruction: str = "", reward_fn=math_reward, batch_size: int = 256,
                   bf16: bool = False, eos_ids: list[int] | None = None, greedy: bool = False,
                   temperature: float = 1.0, top_p: float = 1.0,
-                  confidences: list | None = None) -> list[list[float]]:
+                  confidences: list | None = None, micro_batch_size: int = 8) -> list[list[float]]:
     """1.0 / 0.0 (solved or not) for k responses to each problem: one list of k per problem.
     Responses come from sample_responses, batch_size at a time. With a `confidences` list,
     each response's answer_confidence is appended to it (one extra forward pass, at T = 1
-    for greedy responses)."""
+    for greedy responses, micro_batch_size rows at a time)."""
     from tqdm import tqdm
 
     outcomes = []
@@ -963,7 +963,8 @@ def eval_outcomes(model, tokenizer, problems: list[dict], k: int, max_new_tokens
         outcomes += [[float(reward_fn(texts[j * k + g], p["answer"]) > 0.5) for g in range(k)]
                      for j, p in enumerate(chunk)]
         if confidences is not None:
-            logp, _ = old_policy_stats(model, rollout, 1.0 if greedy else temperature, 16, bf16)
+            logp, _ = old_policy_stats(model, rollout, 1.0 if greedy else temperature,
+                                       micro_batch_size, bf16)
             confidences += answer_confidence(tokenizer, rollout["completion_ids"],
                                              rollout["completion_mask"], logp, texts).tolist()
     return outcomes
@@ -971,7 +972,7 @@ def eval_outcomes(model, tokenizer, problems: list[dict], k: int, max_new_tokens
 
 def evaluate_greedy(model, tokenizer, problems: list[dict], max_new_tokens: int, **eval_kw) -> float:
     """Share of the problems whose greedy response earns reward 1. eval_kw: the keywords of
-    eval_outcomes (instruction, reward_fn, batch_size, bf16, eos_ids)."""
+    eval_outcomes (instruction, reward_fn, batch_size, bf16, eos_ids, micro_batch_size)."""
     outcomes = eval_outcomes(model, tokenizer, problems, 1, max_new_tokens, greedy=True, **eval_kw)
     return sum(o[0] for o in outcomes) / max(1, len(problems))
 
@@ -1061,7 +1062,7 @@ def train(args: argparse.Namespace, model, tokenizer, train_set: list[dict],
     reward_fn = reward_function(args.reward, args.last_number_fallback)
     eval_kw = {"max_new_tokens": args.max_new_tokens, "instruction": args.instruction,
                "reward_fn": reward_fn, "batch_size": args.eval_batch_size, "bf16": args.bf16,
-               "eos_ids": eos_ids}
+               "eos_ids": eos_ids, "micro_batch_size": args.micro_batch_size or 8}
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                   betas=(0.9, 0.99))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
