@@ -1270,6 +1270,14 @@ def distinct_answers(texts: list[str], group_size: int) -> float:
     return sum(len(set(g)) for g in groups) / len(groups)
 
 
+def shows_work(texts: list[str]) -> float:
+    """Share of responses that write an equation ('=') before their final answer ('####' or
+    the last \\boxed). On the built-in task it tells a worked solution from a bare guess
+    '#### N': RL that rewards only the answer can teach a model to stop reasoning."""
+    heads = [t.rsplit("####", 1)[0] if "####" in t else t.rsplit("\\boxed", 1)[0] for t in texts]
+    return sum("=" in h for h in heads) / max(1, len(texts))
+
+
 def distinct_ngram_ratio(completion_ids: torch.Tensor, mask: torch.Tensor, group_size: int,
                          n: int) -> float | None:
     """distinct-n (Li et al. 2016) per group: |distinct token n-grams| / |token n-grams| over
@@ -1384,8 +1392,8 @@ def metrics_row(step: int, out: dict, accuracy: float | None, sampled_eval: tupl
     """One row of metrics.jsonl from what rl_step returned (`out`), the step's greedy_calibration
     (None between evaluations) and token_movement (None between its steps); the README's
     "Outputs" lists the fields. Uses masked_mean, high_entropy_ppl_terciles,
-    entropy_by_position, logp_adv_covariance, distinct_answers, distinct_ngram_ratio and
-    peak_memory_mb."""
+    entropy_by_position, logp_adv_covariance, distinct_answers, distinct_ngram_ratio,
+    shows_work and peak_memory_mb."""
     rewards, mask, entropy, log_ppl = out["rewards"], out["rollout"]["completion_mask"], out["entropy"], out["log_ppl"]
     is_pos = rewards > 0.5
     pos, neg = is_pos[:, None] * mask, ~is_pos[:, None] * mask
@@ -1410,6 +1418,7 @@ def metrics_row(step: int, out: dict, accuracy: float | None, sampled_eval: tupl
         **{k: movement and movement[k] for k in ("barely_moved", "move_high_entropy",
                                                   "move_ppl_terciles", "move_by_position")},
         "response_len": mask.sum(1).mean().item(),
+        "shows_work": shows_work(out["texts"]),
         "truncated_frac": out["rollout"]["truncated"].float().mean().item(),
         "zero_var_frac": out["zero_var"].float().mean().item(),
         "shaping": out["shaping"],
@@ -1461,10 +1470,15 @@ def run_summary(args: argparse.Namespace, history: list[dict], final: dict,
 
 # =========================================================================================
 # 12. The tiny preset: a character-level tokenizer, a small Qwen2, a supervised warm-up
-# Real RLVR starts from an instruct model that already answers in the right format. The
-# tiny preset gets the same starting point in seconds: a few hundred supervised steps on
-# worked solutions of the built-in task. That leaves a model that knows the format and
-# gets some answers right. The result is cached on disk, keyed by everything it depends on.
+# Real RLVR starts from an instruct model that already answers in the right format and
+# reasons, with systematic mistakes that RL can fix. The tiny preset builds that start in
+# under three minutes: a supervised warm-up imitates a student who shows every step of the
+# built-in sums but gets most carries and borrows wrong (`student_solution`). Trained to
+# convergence, the model is right where the student is, on the problems without a carry
+# or borrow (about 19%), whatever the seed or torch build. RL must then find the carry,
+# which the model still writes with probability 1 - slip, inside a worked solution: the
+# work is the only way to the answer. The result is cached on disk, keyed by everything
+# it depends on.
 # =========================================================================================
 
 TINY_MODEL = {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 3,
@@ -1543,28 +1557,74 @@ def build_tiny_model(tokenizer, seed: int):
     return Qwen2ForCausalLM(config)
 
 
-def forget_last_step(solution: str) -> str:
-    """The worked solution of a student who forgets the last operation.
+def crossing(value: int, op: str, term: int) -> bool:
+    """Whether a step carries (7+5: ones digits sum past 9) or borrows (15-7: 5 < 7).
 
-    "7-1=6 6+9=15 15-7=8 #### 8" -> "7-1=6 6+9=15 #### 15". Planted in the warm-up by
-    --warmup-mistake-rate, it gives the tiny model a confident, systematic mistake.
+    These are the steps a primary-school student gets wrong, and the ones the warm-up
+    teaches the tiny model to get wrong (`student_solution`).
     """
-    steps = solution.rpartition(" #### ")[0].split(" ")
-    value = re.match(r"[0-9]+", steps[-1]).group()  # the running value before the last step
-    return " ".join(steps[:-1] + [f"#### {value}"])
+    if value < 0:  # only reachable after a slip; no mistake is planted there
+        return False
+    return value % 10 + term % 10 >= 10 if op == "+" else value % 10 < term % 10 <= value
+
+
+def student_solution(question: str, rng: random.Random, slip: float = 0.75,
+                     off_by_one: float = 1 / 3, comma: float = 0.0) -> str:
+    """The worked solution of a student with a systematic bug, for the warm-up targets.
+
+    On a crossing step the student slips with probability `slip` and forgets the ten
+    (7+5=2, 15-7=18); a share `off_by_one` of those slips also miscounts by one (7+5=1 or
+    3). Later steps carry on from the slipped value; every other step is right. Between
+    two steps the student writes ', ' with probability `comma`, else ' '.
+
+    A converged warm-up imitates this student, so its greedy answer is right exactly on
+    the problems without a crossing step: the start accuracy is a property of the task
+    (`crossing_free_share`), not of the optimiser or the torch build. Each miscount is
+    rarer than the forgotten ten, so greedy decoding writes the forgotten ten. The
+    correct step keeps probability 1 - slip, for RL to find; the slips are likely tokens,
+    so wrong responses are confident ones. The comma (off in the preset) is a style fork
+    that the reward does not read, for probing [B] (README).
+    """
+    terms = re.findall(r"[+-]?[0-9]+", question)
+    value, steps = int(terms[0]), []
+    for t in terms[1:]:
+        op, term = t[0], int(t[1:])
+        new = value + term if op == "+" else value - term
+        if crossing(value, op, term) and rng.random() < slip:
+            new += -10 if op == "+" else 10  # the ten forgotten
+            if rng.random() < off_by_one:
+                new += rng.choice((-1, 1))  # and miscounted
+        steps.append(f"{value}{op}{term}={new}")
+        value = new
+    text = steps[0]
+    for step in steps[1:]:
+        text += (", " if rng.random() < comma else " ") + step
+    return text + f" #### {value}"
+
+
+def crossing_free_share(problems: list[dict]) -> float:
+    """Share of problems with no crossing step: where a converged warm-up is right."""
+    def free(q: str) -> bool:
+        terms = re.findall(r"[+-]?[0-9]+", q)
+        value = int(terms[0])
+        for t in terms[1:]:
+            if crossing(value, t[0], int(t[1:])):
+                return False
+            value = value + int(t[1:]) if t[0] == "+" else value - int(t[1:])
+        return True
+    return sum(free(p["question"]) for p in problems) / len(problems)
 
 
 def supervised_warmup(model, tokenizer, problems: list[dict], steps: int, batch_size: int,
-                      lr: float, seed: int, show_work: float = 1.0,
-                      mistake_rate: float = 0.0) -> list[float]:
-    """Teacher-forced cross-entropy on prompt -> solution + EOS (prompt tokens masked out
-    of the loss). A fraction `show_work` of the targets is the worked solution; the rest
-    is the bare answer '#### N'. A fraction `mistake_rate` of them forgets the last
-    operation (`forget_last_step`), worked or bare. Returns the loss per step."""
+                      lr: float, seed: int, slip: float = 0.75,
+                      off_by_one: float = 1 / 3, comma: float = 0.0) -> list[float]:
+    """Teacher-forced cross-entropy on prompt -> student_solution + EOS (prompt tokens
+    masked out of the loss), with a fresh draw of the student's slips every time a problem
+    is seen. Returns the loss per step."""
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    # Cosine decay to 10%: without it the accuracy the warm-up ends on swings by tens of
-    # points from one step to the next, and every RL run would start somewhere random.
+    # Cosine decay to 10%: the last steps average over many draws of the slips, so the
+    # model ends on the student's probabilities rather than on the last batches' draws.
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.1 + 0.45 * (1 + math.cos(math.pi * s / max(1, steps))))
     from tqdm import tqdm
@@ -1577,11 +1637,7 @@ def supervised_warmup(model, tokenizer, problems: list[dict], steps: int, batch_
         batch = rng.sample(problems, batch_size)
         prompt_ids = [tokenizer(build_prompt(tokenizer, p["question"]), add_special_tokens=False).input_ids
                       for p in batch]
-        solutions = [p["solution"] for p in batch]
-        if mistake_rate > 0:  # draw only when asked, so the default warm-up is unchanged
-            solutions = [forget_last_step(x) if rng.random() < mistake_rate else x
-                         for x in solutions]
-        targets = [x if rng.random() < show_work else f"#### {gold_answer(x)}" for x in solutions]
+        targets = [student_solution(p["question"], rng, slip, off_by_one, comma) for p in batch]
         target_ids = [tokenizer(t, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
                       for t in targets]
         width = max(len(a) + len(b) for a, b in zip(prompt_ids, target_ids))
@@ -1611,9 +1667,10 @@ def tiny_warm_model(args: argparse.Namespace, train_set: list[dict]):
 
     tokenizer = build_char_tokenizer()
     key = json.dumps({"model": TINY_MODEL, "steps": args.warmup_steps, "lr": args.warmup_lr,
-                      "show_work": args.warmup_show_work, "mistakes": args.warmup_mistake_rate,
+                      "slip": args.warmup_slip, "off_by_one": args.warmup_off_by_one,
+                      "comma": args.warmup_comma,
                       "batch": args.warmup_batch_size, "seed": args.warmup_seed,
-                      "data": [train_set[0], len(train_set)], "v": 1}, sort_keys=True)
+                      "data": [train_set[0], len(train_set)], "v": 3}, sort_keys=True)
     folder = Path(args.cache_dir) / f"tiny-warmup-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
     if not (folder / "config.json").exists():
         print(f"warm-up: {args.warmup_steps} supervised steps on the built-in task "
@@ -1621,7 +1678,7 @@ def tiny_warm_model(args: argparse.Namespace, train_set: list[dict]):
         model = build_tiny_model(tokenizer, args.warmup_seed)
         losses = supervised_warmup(model, tokenizer, train_set, args.warmup_steps,
                                    args.warmup_batch_size, args.warmup_lr, args.warmup_seed,
-                                   args.warmup_show_work, args.warmup_mistake_rate)
+                                   args.warmup_slip, args.warmup_off_by_one, args.warmup_comma)
         print(f"warm-up: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
         tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
         model.save_pretrained(tmp)
@@ -1993,6 +2050,8 @@ def compare(argv: list[str]) -> str:
         print(f"reusing {len(wall)} finished run(s) with the same settings "
               f"(--overwrite redoes them)")
     if args.model == "tiny" and todo:  # warm up once here, so parallel runs do not all do it
+        if args.threads:
+            torch.set_num_threads(args.threads)
         set_seed(args.seed)
         tiny_warm_model(args, load_data(args)[0])
     threads = max(1, (os.cpu_count() or 1) // opts.jobs) if opts.jobs > 1 else None
@@ -2064,17 +2123,18 @@ def plot_command(argv: list[str]) -> Path:
 # =========================================================================================
 
 PRESETS = {
-    "tiny": {"model": "tiny", "dataset": "builtin", "steps": 150, "prompts_per_step": 32,
+    "tiny": {"model": "tiny", "dataset": "builtin", "steps": 100, "prompts_per_step": 32,
              "group_size": 8, "max_new_tokens": 48, "temperature": 1.0, "top_p": 1.0,
              "lr": 2e-4, "lr_warmup_steps": 0, "weight_decay": 0.0, "updates_per_batch": 1,
              "mini_batches": 2, "micro_batch_size": 64, "eval_every": 10, "eval_size": 500,
-             "train_size": 5000, "instruction": "", "token_dynamics_every": 5},
+             "train_size": 5000, "instruction": "", "token_dynamics_every": 5,
+             "entropy_target": 0.027},
     "gsm8k": {"model": "Qwen/Qwen2.5-0.5B-Instruct", "dataset": "gsm8k", "steps": 300,
               "prompts_per_step": 16, "group_size": 8, "max_new_tokens": 512,
               "temperature": 1.0, "top_p": 1.0, "lr": 1e-6, "lr_warmup_steps": 10,
               "weight_decay": 0.1, "updates_per_batch": 1, "mini_batches": 4,
               "micro_batch_size": 8, "eval_every": 25, "eval_size": 200, "train_size": 0,
-              "token_dynamics_every": 25,
+              "token_dynamics_every": 25, "entropy_target": 0.2,
               "instruction": "Please reason step by step, and put your final answer "
                              "within \\boxed{}."},
 }
@@ -2149,7 +2209,8 @@ def build_parser() -> argparse.ArgumentParser:
       "positive-only")
     a("--lambda-schedule", choices=("fixed", "stage", "epoch", "entropy"), default="fixed",
       help="how lambda moves")
-    a("--entropy-target", type=float, default=0.2, help="entropy schedule: delta")
+    a("--entropy-target", type=float, help="entropy schedule: delta (default: the preset's; "
+      "gsm8k 0.2 as in [B], tiny between its negative-only and positive-only entropies)")
     a("--lambda-step", type=float, default=0.05, help="entropy schedule: lambda change per step")
     a("--lambda-epochs", type=int, help="epoch schedule: E (default: passes over the data, >= 2)")
     a = p.add_argument_group("loss and optimisation").add_argument
@@ -2183,15 +2244,17 @@ def build_parser() -> argparse.ArgumentParser:
       "autocast")
     a("--trust-remote-code", action="store_true", help="allow model code from the hub")
     a = p.add_argument_group("tiny preset warm-up").add_argument
-    a("--warmup-steps", type=int, default=800, help="supervised warm-up steps")
+    a("--warmup-steps", type=int, default=1500, help="supervised warm-up steps")
     a("--warmup-lr", type=float, default=3e-3, help="warm-up learning rate")
-    a("--warmup-batch-size", type=int, default=32, help="warm-up batch size")
+    a("--warmup-batch-size", type=int, default=64, help="warm-up batch size")
     a("--warmup-seed", type=int, default=0, help="seed of the warm-up (every RL run starts "
       "from its one model)")
-    a("--warmup-show-work", type=float, default=0.3, help="share of warm-up targets that show "
-      "their work")
-    a("--warmup-mistake-rate", type=float, default=0.0, help="share of warm-up targets that "
-      "forget the last operation")
+    a("--warmup-slip", type=float, default=0.75, help="probability that the warm-up's student "
+      "gets a carry or borrow step wrong")
+    a("--warmup-off-by-one", type=float, default=1 / 3, help="share of those slips that land "
+      "one off instead of forgetting the ten")
+    a("--warmup-comma", type=float, default=0.0, help="probability that the warm-up's student "
+      "separates two steps with ', ' instead of ' '")
     a("--cache-dir", default=os.path.join(Path.home(), ".cache", "rlvr_entropy"),
       help="where the warmed-up tiny model is cached")
     return p
@@ -2228,8 +2291,8 @@ RUN_SETTINGS = (
     "lambda_schedule", "entropy_target", "lambda_step", "lambda_epochs", "clip_low",
     "clip_high", "loss_agg", "updates_per_batch", "mini_batches", "lr", "lr_warmup_steps",
     "weight_decay", "max_grad_norm", "eval_every", "eval_k", "eval_temperature", "eval_top_p",
-    "warmup_steps", "warmup_lr", "warmup_batch_size", "warmup_seed", "warmup_show_work",
-    "warmup_mistake_rate")
+    "warmup_steps", "warmup_lr", "warmup_batch_size", "warmup_seed", "warmup_slip",
+    "warmup_off_by_one", "warmup_comma")
 
 # (flag, lowest allowed, highest allowed, may it equal the lowest?) for every numeric flag;
 # OPEN_ABOVE flags must also stay below the highest. NaN fails every comparison, so it is
@@ -2254,7 +2317,8 @@ NUMERIC_FLAGS = [
     ("eval_temperature", 0, None, False), ("eval_top_p", 0, 1, False), ("threads", 0, None, True),
     ("warmup_steps", 1, None, True), ("warmup_lr", 0, None, False),
     ("warmup_batch_size", 1, None, True), ("warmup_seed", 0, None, True),
-    ("warmup_show_work", 0, 1, True), ("warmup_mistake_rate", 0, 1, True),
+    ("warmup_slip", 0, 1, True), ("warmup_off_by_one", 0, 1, True),
+    ("warmup_comma", 0, 1, True),
 ]
 
 

@@ -6,6 +6,7 @@ import io
 import json
 import math
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -274,18 +275,82 @@ def test_builtin_task_is_correct_and_splits_are_disjoint():
             assert 0 <= int(rhs) <= 19
 
 
-def test_forget_last_step_drops_the_last_operation():
-    assert R.forget_last_step("7-1=6 6+9=15 15-7=8 #### 8") == "7-1=6 6+9=15 #### 15"
-    for p in R.builtin_task(200, seed=3):
-        sloppy = R.forget_last_step(p["solution"])
-        question = p["question"]
-        cut = max(question.rfind("+"), question.rfind("-"))  # the last operator
-        assert R.math_reward(sloppy, str(solve_left_to_right(question[:cut]))) == 1.0
-        assert sloppy.split(" #### ")[0] == " ".join(p["solution"].split(" #### ")[0].split()[:-1])
+def carries_or_borrows(a: int, op: str, b: int) -> bool:
+    """Column arithmetic, written out: a carry when the ones add past 9, a borrow when the
+    top ones digit is smaller (only for results >= 0, the steps a student is taught)."""
+    ones_a, ones_b = int(str(a)[-1]), int(str(b)[-1])
+    if a < 0:
+        return False
+    return ones_a + ones_b > 9 if op == "+" else (ones_a < ones_b and a - b >= 0)
 
 
-@pytest.mark.parametrize("rate,show_work", [(1.0, 1.0), (1.0, 0.0), (0.0, 1.0)])
-def test_warmup_targets_carry_the_planted_mistake(rate, show_work):
+def test_crossing_by_hand():
+    cases = {(7, "+", 5): True, (3, "+", 5): False, (15, "+", 5): True, (11, "+", 8): False,
+             (15, "-", 7): True, (15, "-", 5): False, (10, "-", 1): True, (9, "-", 3): False,
+             (3, "-", 9): False, (-2, "-", 8): False, (19, "-", 9): False, (18, "-", 9): True}
+    for (a, op, b), want in cases.items():
+        assert R.crossing(a, op, b) == want == carries_or_borrows(a, op, b), (a, op, b)
+
+
+def student_steps(solution: str) -> tuple[list[tuple[int, str, int, int]], list[str]]:
+    """The steps (a, op, b, c) of 'a op b = c' and the separators between them."""
+    work = solution.split(" #### ")[0]
+    steps = [(int(m[1]), m[2], int(m[3]), int(m[4]))
+             for m in re.finditer(r"(-?[0-9]+)([+-])([0-9]+)=(-?[0-9]+)", work)]
+    separators = re.findall(r"(?<=[0-9])[, ]+(?=[0-9-])", work)
+    assert work.replace(",", "").replace(" ", "") == "".join(f"{a}{op}{b}={c}" for a, op, b, c in steps)
+    return steps, separators
+
+
+@pytest.mark.parametrize("slip,off_by_one,comma", [(0.0, 0.0, 0.0), (1.0, 0.0, 0.0), (1.0, 1.0, 1.0),
+                                                   (0.9, 1 / 3, 0.3)])
+def test_student_solution_slips_only_on_crossings(slip, off_by_one, comma):
+    rng = random.Random(0)
+    slips = {"ten": 0, "ten and one": 0, "right": 0}
+    seps = []
+    for p in R.builtin_task(300, seed=3):
+        text = R.student_solution(p["question"], rng, slip, off_by_one, comma)
+        steps, separators = student_steps(text)
+        seps += separators
+        assert text.endswith(f" #### {steps[-1][3]}")
+        assert len(steps) == p["question"].count("+") + p["question"].count("-")
+        assert steps[0][0] == int(re.match("[0-9]+", p["question"])[0])
+        for (a, op, b, c), nxt in zip(steps, steps[1:] + [None]):
+            exact = a + b if op == "+" else a - b
+            if nxt:
+                assert nxt[0] == c  # the next step carries on from what was written
+            forgot = exact - 10 if op == "+" else exact + 10  # 7+5=2, 15-7=18
+            if not carries_or_borrows(a, op, b):
+                assert c == exact
+            elif c == exact:
+                slips["right"] += 1
+            elif c == forgot:
+                slips["ten"] += 1
+            else:
+                assert abs(c - forgot) == 1  # 7+5=1 or 3, 15-7=17 or 19
+                slips["ten and one"] += 1
+        if slip == 0 and comma == 0:
+            assert text == p["solution"]
+    n = sum(slips.values())
+    assert n > 200
+    assert slips["right"] / n == pytest.approx(1 - slip, abs=0.05)
+    assert slips["ten and one"] / n == pytest.approx(slip * off_by_one, abs=0.05)
+    assert set(seps) <= {" ", ", "} and len(seps) > 600
+    assert seps.count(", ") / len(seps) == pytest.approx(comma, abs=0.05)
+
+
+def test_crossing_free_share():
+    problems = [{"question": q} for q in ("3+5-2", "7+5-1", "15-5+3", "19-9", "8-1+4-2+9")]
+    # 3+5=8 8-2=6 none; 7+5 carries; 15-5=10 10+3=13 none; 19-9 none; 8-1=7 7+4=11 carries
+    assert R.crossing_free_share(problems) == 3 / 5
+    train = R.builtin_task(5000, seed=0)
+    held_out = R.builtin_task(500, seed=1, exclude={p["question"] for p in train})
+    naive = sum(all(not carries_or_borrows(a, op, b) for a, op, b, _ in student_steps(p["solution"])[0])
+                for p in held_out) / 500
+    assert R.crossing_free_share(held_out) == naive == 0.188
+
+
+def test_warmup_targets_are_the_students():
     tok = R.build_char_tokenizer()
     problems = R.builtin_task(40, seed=5)
     seen = []
@@ -299,14 +364,13 @@ def test_warmup_targets_carry_the_planted_mistake(rate, show_work):
             return tok(text, **kw)
 
     R.supervised_warmup(R.build_tiny_model(tok, 0), Recording(), problems, steps=2,
-                        batch_size=4, lr=1e-3, seed=0, show_work=show_work, mistake_rate=rate)
+                        batch_size=4, lr=1e-3, seed=0, slip=1.0, off_by_one=0.0)
     targets = [t for t in seen if "####" in t]
     assert len(targets) == 8
-    right = {p["solution"] if show_work else "#### " + p["answer"] for p in problems}
-    wrong = {R.forget_last_step(p["solution"]) for p in problems}
-    if not show_work:
-        wrong = {"#### " + w.rpartition("#### ")[2] for w in wrong}
-    assert set(targets) <= (wrong if rate else right)
+    # slip 1, no off-by-one: one student answer per problem, drawn by no random number
+    always_wrong = {R.student_solution(p["question"], random.Random(), 1.0, 0.0) for p in problems}
+    assert set(targets) <= always_wrong
+    assert any(t not in {p["solution"] for p in problems} for t in targets)
 
 
 def test_gold_answer_after_hashes():
@@ -553,6 +617,25 @@ SMALL = ["--steps", "3", "--prompts-per-step", "4", "--group-size", "4", "--eval
          "--train-size", "200", "--shape-from", "0", "--shape-until", "3"]
 
 
+def test_default_warmup_lands_in_the_documented_band(tmp_path):
+    """The full default warm-up (about 2 minutes on 2 cores). An imitation of the student is
+    right where the student is: on held-out problems without a carry or borrow, and wrong
+    on the others, up to a few copying slips of a model that is not fully converged. So
+    its start accuracy sits in the README's band around the crossing-free share."""
+    args = R.parse_args(["--preset", "tiny", "--cache-dir", str(tmp_path)])
+    train_set, eval_set = R.load_data(args)
+    model, tok = R.tiny_warm_model(args, train_set)
+    free = [p for p in eval_set if R.crossing_free_share([p]) == 1.0]
+    crossing = [p for p in eval_set if R.crossing_free_share([p]) == 0.0]
+    assert len(free) + len(crossing) == len(eval_set) == 500 and len(free) == 94
+    acc_free = R.evaluate_greedy(model, tok, free, args.max_new_tokens)
+    acc_crossing = R.evaluate_greedy(model, tok, crossing, args.max_new_tokens)
+    assert acc_free >= 0.9 and acc_crossing <= 0.1
+    start = R.evaluate_greedy(model, tok, eval_set, args.max_new_tokens)
+    assert start == pytest.approx((acc_free * len(free) + acc_crossing * len(crossing)) / 500)
+    assert 0.15 <= start <= 0.30  # the README's band
+
+
 @pytest.mark.parametrize("method", R.METHODS)
 def test_tiny_run_end_to_end_and_reload(tmp_path, method):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -570,28 +653,6 @@ def test_tiny_run_end_to_end_and_reload(tmp_path, method):
     tok = AutoTokenizer.from_pretrained(out / "model")
     _, eval_set = R.load_data(R.parse_args(["--preset", "tiny", *SMALL]))
     assert R.evaluate_greedy(model, tok, eval_set, 24) == summary["final_accuracy"]
-
-
-GOLDEN = json.loads((HERE / "testdata" / "golden_metrics.json").read_text())
-
-
-@pytest.mark.parametrize("name", sorted(GOLDEN["runs"]))
-def test_metrics_equal_those_recorded_before_the_refactor(tmp_path, name):
-    """testdata/golden_metrics.json holds metrics.jsonl of short runs recorded with the code
-    before train() was split into rl_step and the loop (torch and transformers named in the
-    file; other builds round differently, so there the comparison is skipped)."""
-    import transformers
-
-    if (torch.__version__, transformers.__version__) != (GOLDEN["torch"], GOLDEN["transformers"]):
-        pytest.skip(f"recorded under torch {GOLDEN['torch']}, transformers {GOLDEN['transformers']}")
-    run = GOLDEN["runs"][name]
-    out = tmp_path / name
-    R.main(["--preset", "tiny", "--out-dir", str(out), "--cache-dir", str(HERE / ".pytest_cache" / "golden"),
-            *GOLDEN["small"], *run["flags"]])
-    rows = R.read_metrics(out / "metrics.jsonl")
-    assert len(rows) == len(run["rows"])
-    for row, recorded in zip(rows, run["rows"]):  # every recorded field; later ones are additions
-        assert {k: row[k] for k in recorded} == recorded
 
 
 def test_rl_step_with_equal_rewards_leaves_the_weights_alone(tiny):
@@ -648,7 +709,7 @@ def test_nonfinite_loss_skips_the_update(tmp_path, monkeypatch):
     (["--dataset", "missing.jsonl", "--model", "tiny"], "tiny model only knows the built-in task"),
     (["--dataset", "missing.jsonl", "--model", "x"], "does not exist"),
     (["--model", "/no/such/model/folder", "--dataset", "builtin"], "could not load model"),
-    (["--warmup-mistake-rate", "1.5"], "--warmup-mistake-rate must be in [0, 1]"),
+    (["--warmup-slip", "1.5"], "--warmup-slip must be in [0, 1]"),
 ])
 def test_bad_input_is_one_clear_sentence_and_writes_nothing(tmp_path, argv, message):
     out = tmp_path / "out"
@@ -709,7 +770,7 @@ HAND_BAD = [("--lr", "nan"), ("--lr", "0"), ("--lr", "-1e-4"), ("--lr", "inf"),
             ("--group-size", "1"), ("--steps", "0"), ("--max-grad-norm", "0"),
             ("--warmup-lr", "-1"), ("--clip-low", "1.5"), ("--pos-weight", "2"),
             ("--neg-weight", "-0.5"), ("--eval-every", "0"), ("--stage-frac", "1"),
-            ("--lambda-step", "0"), ("--warmup-mistake-rate", "nan"), ("--seed", "-1"),
+            ("--lambda-step", "0"), ("--warmup-comma", "nan"), ("--seed", "-1"),
             ("--micro-batch-size", "-1"), ("--max-new-tokens", "0"), ("--eval-batch-size", "0")]
 
 
@@ -802,7 +863,7 @@ def test_run_settings_name_only_what_the_method_uses():
     assert "lambda_epochs" not in grpo and "shape_from" not in grpo and "lr" in grpo
     stage = R.run_settings(R.parse_args(["--preset", "tiny", "--method", "posneg",
                                          "--lambda-schedule", "stage"]))
-    assert stage["steps"] == 150 and "pos_weight" not in stage  # lambda follows --steps
+    assert stage["steps"] == R.PRESETS["tiny"]["steps"] == 100 and "pos_weight" not in stage  # lambda follows --steps
     plateau = R.run_settings(R.parse_args(["--preset", "tiny", "--method", "ppl",
                                            "--shape-from", "plateau"]))
     assert plateau["shape_from"] == "plateau"
@@ -1352,6 +1413,24 @@ def test_sampled_eval_leaves_the_training_rng_alone(tiny):
     assert R.evaluate_sampled(model, tok, problems, 2, 0.6, 0.95, seed=1, max_new_tokens=4) == first
 
 
+def test_token_dynamics_change_no_other_field(tmp_path):
+    """The token-dynamics pass is a no-grad forward that draws no random number: a run with
+    it every step and a run without it log the same rows, the movement fields aside."""
+    movement = {"barely_moved", "move_high_entropy", "move_ppl_terciles", "move_by_position"}
+
+    def rows(every: str) -> list[dict]:
+        out = tmp_path / every
+        R.main(["--preset", "tiny", "--out-dir", str(out), "--cache-dir", str(tmp_path / "cache"),
+                *SMALL, "--token-dynamics-every", every])
+        return R.read_metrics(out / "metrics.jsonl")
+
+    on, off = rows("1"), rows("0")
+    assert all(r["barely_moved"] is not None for r in on) and all(r["barely_moved"] is None for r in off)
+    skip = movement | {"time", "step_time", "profile"}
+    assert [{k: v for k, v in r.items() if k not in skip} for r in on] == \
+           [{k: v for k, v in r.items() if k not in skip} for r in off]
+
+
 def test_new_views_are_logged_every_step(tmp_path):
     out = tmp_path / "views"
     summary = R.main(["--preset", "tiny", "--out-dir", str(out), "--cache-dir",
@@ -1473,6 +1552,17 @@ def test_core_path_reads_in_one_sitting():
 
 
 # ----------------------------------------------------------------------------- diversity, calibration, token dynamics
+
+
+def test_shows_work_by_hand():
+    texts = ["7+5=12 12-3=9 #### 9",   # worked
+             "#### 9",                 # a bare guess
+             "so x = 3, \\boxed{3}",    # an equation before the box
+             "\\boxed{x=3}",            # the '=' is inside the answer, not before it
+             "12 then 9 #### 9",        # words, no equation
+             "7+5=12 12-3=9"]           # no marker: the whole text is the work
+    assert R.shows_work(texts) == 3 / 6
+    assert R.shows_work([]) == 0.0
 
 
 def test_distinct_answers_by_hand():

@@ -105,12 +105,14 @@ class EntropyGRPOTrainer(GRPOTrainer):
                                                           self.entropy_target, self.lambda_step)
 
 
-def tiny_setup(warmup_steps: int = 800, cache_dir: str | None = None):
-    """The tiny preset's warmed-up model (cached as in rlvr_entropy.py), its tokenizer and
-    the built-in task as a TRL prompt dataset."""
+def tiny_setup(warmup_steps: int | None = None, cache_dir: str | None = None):
+    """The tiny preset's warmed-up model (cached as in rlvr_entropy.py, with its default
+    warm-up unless warmup_steps is given), its tokenizer and the built-in task as a TRL
+    prompt dataset."""
     from datasets import Dataset
 
-    args = R.parse_args(["--preset", "tiny", "--warmup-steps", str(warmup_steps),
+    args = R.parse_args(["--preset", "tiny",
+                         *(["--warmup-steps", str(warmup_steps)] if warmup_steps else []),
                          *(["--cache-dir", cache_dir] if cache_dir else [])])
     train_set = R.builtin_task(args.train_size, seed=0)
     model, tok = R.tiny_warm_model(args, train_set)
@@ -130,7 +132,8 @@ def main(argv: list[str] | None = None) -> EntropyGRPOTrainer:
     p.add_argument("--method", default="grpo", choices=R.METHODS, help="advantage shaping or weights")
     p.add_argument("--model", default="tiny", help="'tiny' (built in, CPU) or a hub name / folder")
     p.add_argument("--output-dir", default="runs/trl", help="TRL's output folder")
-    p.add_argument("--warmup-steps", type=int, default=800, help="tiny model: supervised warm-up steps")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="tiny model: supervised warm-up steps (default: rlvr_entropy.py's)")
     p.add_argument("--cache-dir", default=None, help="tiny model: where its warm-up is cached")
     p.add_argument("--max-steps", type=int, default=20, help="optimizer steps")
     p.add_argument("--num-generations", type=int, default=8, help="G")
