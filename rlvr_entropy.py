@@ -1472,7 +1472,7 @@ def run_summary(args: argparse.Namespace, history: list[dict], final: dict,
 # 12. The tiny preset: a character-level tokenizer, a small Qwen2, a supervised warm-up
 # Real RLVR starts from an instruct model that already answers in the right format and
 # reasons, with systematic mistakes that RL can fix. The tiny preset builds that start in
-# under three minutes: a supervised warm-up imitates a student who shows every step of the
+# about three minutes: a supervised warm-up imitates a student who shows every step of the
 # built-in sums but gets most carries and borrows wrong (`student_solution`). Trained to
 # convergence, the model is right where the student is, on the problems without a carry
 # or borrow (about 19%), whatever the seed or torch build. RL must then find the carry,

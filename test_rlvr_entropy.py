@@ -1070,7 +1070,7 @@ def test_posneg_tiny_run_per_schedule(tmp_path, schedule):
 
 RESUME = ["--preset", "tiny", "--method", "position", "--steps", "20", "--prompts-per-step", "4",
           "--group-size", "4", "--eval-size", "16", "--eval-every", "3", "--max-new-tokens", "16",
-          "--warmup-steps", "20", "--train-size", "40", "--shape-from", "2", "--shape-until", "15"]
+          "--warmup-steps", "20", "--warmup-batch-size", "32", "--train-size", "40", "--shape-from", "2", "--shape-until", "15"]
 
 
 def metric_rows(out: Path) -> list[dict]:
