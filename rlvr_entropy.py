@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import math
 import os
 import random
@@ -2133,7 +2134,7 @@ PRESETS = {
               "prompts_per_step": 16, "group_size": 8, "max_new_tokens": 512,
               "temperature": 1.0, "top_p": 1.0, "lr": 1e-6, "lr_warmup_steps": 10,
               "weight_decay": 0.1, "updates_per_batch": 1, "mini_batches": 4,
-              "micro_batch_size": 8, "eval_every": 25, "eval_size": 200, "train_size": 0,
+              "micro_batch_size": 8, "eval_every": 25, "eval_size": 200,
               "token_dynamics_every": 25, "entropy_target": 0.2,
               "instruction": "Please reason step by step, and put your final answer "
                              "within \\boxed{}."},
@@ -2176,7 +2177,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--dataset", help="'builtin', 'gsm8k', or a .jsonl/.json/.parquet/.csv file")
     a("--question-field", default="question", help="question column of a dataset file")
     a("--answer-field", default="answer", help="answer column of a dataset file")
-    a("--train-size", type=int, help="built-in task: training problems")
+    a("--train-size", type=int, help="training problems: the built-in task makes this many; "
+      "GSM8K or a file keeps the first N (default: all of them)")
     a("--eval-size", type=int, help="held-out problems for evaluation")
     a("--instruction", help="text appended to each question in the prompt")
     a("--reward", choices=("math", "math-verify"), default="math", help="the built-in exact "
@@ -2344,7 +2346,9 @@ def check_args(args: argparse.Namespace) -> None:
         (args.mini_batches <= B, f"--mini-batches must be between 1 and {B} (prompts x G)"),
         (args.model != "tiny" or args.dataset == "builtin",
          "the tiny model only knows the built-in task; use --dataset builtin or pass --model"),
-        (args.model != "tiny" or args.warmup_batch_size <= args.train_size,
+        (args.dataset != "builtin" or args.train_size is not None,
+         "--dataset builtin needs --train-size (how many problems to make)"),
+        (args.model != "tiny" or args.train_size is None or args.warmup_batch_size <= args.train_size,
          "--warmup-batch-size must not exceed --train-size"),
         (not (args.resume and args.overwrite), "--resume and --overwrite exclude each other"),
     ]
@@ -2448,12 +2452,13 @@ def load_data(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
         eval_set = builtin_task(args.eval_size, seed=1, exclude={p["question"] for p in train_set})
         return train_set, eval_set
     if args.dataset == "gsm8k":
+        print("loading GSM8K from the hub (or its local cache)")
         try:
             train_set, eval_set = load_gsm8k("train"), load_gsm8k("test")
         except Exception as e:  # noqa: BLE001 (offline, hub down, ...: the same advice for all)
             raise SystemExit(f"error: could not load GSM8K from the hub ({type(e).__name__}); "
                              "use --preset tiny, or --dataset PATH with a local file") from None
-        return train_set, eval_set[:args.eval_size]
+        return train_set[:args.train_size], eval_set[:args.eval_size]
     try:
         rows = load_local_dataset(args.dataset, args.question_field, args.answer_field)
     except ValueError as e:
@@ -2461,8 +2466,10 @@ def load_data(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
     if len(rows) <= args.eval_size:
         raise SystemExit(f"error: {args.dataset} has {len(rows)} rows; need more than "
                          f"--eval-size {args.eval_size} to hold some out")
-    random.Random(args.seed).shuffle(rows)
-    return rows[args.eval_size:], rows[:args.eval_size]
+    # A fixed split, as for the other sources: --seed changes the order, not the problems,
+    # so runs of several seeds are scored on the same held-out problems.
+    random.Random(0).shuffle(rows)
+    return rows[args.eval_size:][:args.train_size], rows[:args.eval_size]
 
 
 def load_model(args: argparse.Namespace, train_set: list[dict]):
@@ -2476,6 +2483,8 @@ def load_model(args: argparse.Namespace, train_set: list[dict]):
         return model.to(args.device), tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if not Path(args.model).exists():
+        print(f"loading {args.model} from the hub (or its local cache)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32,
@@ -2483,10 +2492,18 @@ def load_model(args: argparse.Namespace, train_set: list[dict]):
     except Exception as e:  # noqa: BLE001 (offline, no such repo, ...: the same advice for all)
         raise SystemExit(f"error: could not load model '{args.model}' ({type(e).__name__}); "
                          "if you are offline, use --preset tiny or pass --model a local folder") from None
+    return model.to(args.device), prepare_tokenizer(tokenizer)
+
+
+def prepare_tokenizer(tokenizer):
+    """Left padding (every prompt ends at the same column, section 3) and a pad token, for a
+    tokenizer loaded from the hub, a folder or a checkpoint. The padding side is also put
+    where save_pretrained writes it, so a saved model reloads with it."""
     tokenizer.padding_side = "left"
+    tokenizer.init_kwargs["padding_side"] = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.to(args.device), tokenizer
+    return tokenizer
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -2500,6 +2517,9 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # no bars for reading or writing a few MB of weights
+    # Offline, the hub client prints a warning for each of its retries; the error that
+    # load_data or load_model raises after them says it in one sentence.
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     args = parse_args(argv)
     check_args(args)
     out_dir = Path(args.out_dir)
@@ -2542,7 +2562,7 @@ def main(argv: list[str] | None = None) -> dict:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         model = AutoModelForCausalLM.from_pretrained(checkpoint).to(args.device)
-        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(checkpoint))
         print(f"resuming from {checkpoint} at step {resume['step']}")
     else:
         model, tokenizer = load_model(args, train_set)

