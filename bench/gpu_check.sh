@@ -25,11 +25,13 @@ for shape in 0.5b 1.5b; do
   [ "$SMOKE" = 1 ] && layers=1
   python testdata/qwen_fixture.py "$OUT/qwen2.5-$shape-shaped" --shape "$shape" --layers "$layers"
   # The preset's defaults, but: the local GSM8K-format sample (24 problems; 8 held out),
-  # STEPS steps, evaluation only at step 0 and the end, no avg@k, and a new run each time.
+  # STEPS steps, all shaped, evaluation only at step 0 and the end, no avg@k, a new run each time.
   extra=()
   [ "$shape" = 1.5b ] && extra=(--micro-batch-size 4 --gradient-checkpointing)
   python rlvr_entropy.py --preset gsm8k --method ppl --model "$OUT/qwen2.5-$shape-shaped" \
     --dataset testdata/gsm8k_sample.jsonl --eval-size 8 --eval-k 0 --steps "$STEPS" \
-    --profile --out-dir "$OUT/run-$shape" --overwrite "${extra[@]}" "${smoke[@]}" 2>&1 | grep -v "it/s"
+    --shape-from 0 --shape-until "$STEPS" --profile --out-dir "$OUT/run-$shape" --overwrite \
+    "${extra[@]}" "${smoke[@]}" 2>"$OUT/stderr-$shape.log" \
+    || { tail -20 "$OUT/stderr-$shape.log"; exit 1; }  # stderr: the progress bar
   rm -rf "$OUT/run-$shape/model" "$OUT/qwen2.5-$shape-shaped"  # GBs of random weights
 done

@@ -3,8 +3,9 @@
 The preset's step at Qwen2.5's real vocabulary (151,936) and hidden size, random weights:
   generate   16 prompts x G = 8 = 128 rows, a 160-token prompt, up to 512 new tokens
   no-grad    one micro-batch (--micro-batch-size rows) at 160 + 512 tokens: old log-probs and entropy
-  update     one micro-batch forward + backward + an AdamW step (its state allocated), with
-             or without --gradient-checkpointing
+  update     one micro-batch forward + backward + an AdamW step, with AdamW's state already
+             allocated (as for every mini-batch after a run's first), with or without
+             --gradient-checkpointing
 A full 24-layer step takes hours on 2 cores, so each phase runs at a few layer counts, in a
 fresh process each (peak RSS, sampled every 2 ms, less the process's RSS before the model
 was built), and a least-squares line through the layer counts is extrapolated to 24 layers
@@ -94,6 +95,10 @@ def one(shape: str, layers: int, phase: str, micro: int, new_tokens: int, ckpt: 
             if ckpt:
                 R.enable_gradient_checkpointing(model)
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.1)
+            for q in model.parameters():  # AdamW's state exists from the 2nd mini-batch on
+                q.grad = torch.zeros_like(q)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
             cfg = R.StepConfig(micro_batch_size=micro, mini_batches=1)
             adv = torch.randn(micro, 1).sign().expand(micro, RESPONSE).contiguous()
             with PeakRSS() as p:
@@ -115,6 +120,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default="0.5b,1.5b", help="Qwen2.5 sizes to measure")
     p.add_argument("--layers", default="1,2,3", help="layer counts of the fit")
+    p.add_argument("--phases", default="generate,no-grad,update", help="phases to measure")
     p.add_argument("--out", default=str(HERE / "memory.json"), help="JSON of every measurement")
     p.add_argument("--report", nargs="+", help="only print the report of these JSON files")
     p.add_argument("--one", nargs=6, help=argparse.SUPPRESS)  # a single measurement (internal)
@@ -127,13 +133,14 @@ def main() -> None:
         shape, layers, phase, micro, new, ckpt = a.one
         print(json.dumps(one(shape, int(layers), phase, int(micro), int(new), ckpt == "1")))
         return
-    plan = []
+    plan, phases = [], a.phases.split(",")
     for shape in a.shapes.split(","):
         micros = (8, 4) if shape == "1.5b" else (8,)
         for layers in map(int, a.layers.split(",")):
             plan += [(shape, layers, "generate", 0, n, 0) for n in GEN_TOKENS]
             plan += [(shape, layers, "no-grad", m, 0, 0) for m in micros]
             plan += [(shape, layers, "update", m, 0, c) for m in micros for c in (0, 1)]
+    plan = [job for job in plan if job[2] in phases]
     results = []
     for job in plan:
         out = subprocess.run([sys.executable, __file__, "--one", *map(str, job)], check=True,
