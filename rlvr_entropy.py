@@ -13,10 +13,11 @@ advantage-shaping methods of
 
 Read it top to bottom. The core path is sections 1-7, and rl_step() in section 7 is one
 RL step, whole: data -> reward -> rollout -> log-probs -> advantages -> loss -> step.
-After it come the grader's rules for reading an answer (8), evaluation with greedy
-accuracy, avg@k and pass@k (9), the training loop around rl_step (10), the live entropy
-analysis of [A] and the metrics row (11), the built-in tiny model, task and warm-up (12),
-checkpoints and resume (13), plots and method comparison (14), and the command line (15).
+After it come evaluation with greedy accuracy, avg@k and pass@k (8), the training loop
+around rl_step (9), the live entropy analysis of [A] and the metrics row (10); then the
+appendices: the grader's rules for reading an answer (11), the built-in tiny model, task
+and warm-up (12), checkpoints and resume (13), plots and method comparison (14), and the
+command line (15).
 
     python rlvr_entropy.py --method ppl                 # tiny preset on CPU, a few minutes
     python rlvr_entropy.py --preset gsm8k --method ppl  # Qwen2.5-0.5B-Instruct on GSM8K, one GPU
@@ -161,7 +162,7 @@ def math_reward(completion: str, gold: str, last_number_fallback: bool = False) 
     """Verifiable reward r in {0, 1}: does the response's final answer equal the gold one?
     Two numbers are compared exactly; a number never equals a non-number (so '1 8' is not
     18); two non-numbers are compared as normalised strings. Uses extract_answer,
-    normalize_answer and parse_number (section 8)."""
+    normalize_answer and parse_number (section 11)."""
     pred = extract_answer(completion, last_number_fallback)
     if pred is None:
         return 0.0
@@ -389,7 +390,7 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool =
 #   mu, sigma = mean and population std of the l_i inside [Q1 - 1.5 IQR, Q3 + 1.5 IQR]
 #   z_i = (l_i - mu) / sigma  (for every response);  A'_{i,t} = A_{i,t} clamp(1 - alpha z_i, 0.8, 1.2)
 # Low-perplexity responses (z < 0) get weight > 1. The released script (low_ppl.sh) computes
-# this weight but never multiplies it in (see README). We apply it, as the paper intends.
+# this weight but never multiplies it in (see docs/methods.md). We apply it, as the paper intends.
 
 
 def ppl_weights(log_ppl: torch.Tensor, group_size: int, alpha: float = 0.01,
@@ -532,7 +533,7 @@ def entropy_guided_lambda(pos_weight: float, entropy: float, target: float = 0.2
 # rl_step() is GRPO with the shaping of [A] and the token weights of [B], and nothing else:
 #   sample G responses per prompt (3) -> reward them (2) -> old log-probs and entropy, no
 #   grad (4) -> advantages A_i, shaped (5) -> clipped-loss updates over mini-batches (6).
-# Evaluation, logging, checkpoints and signals live in the training loop (section 10).
+# Evaluation, logging, checkpoints and signals live in the training loop (section 9).
 # =========================================================================================
 
 
@@ -706,10 +707,547 @@ def rl_step(model, tokenizer, optimizer, questions: list[str], golds: list[str],
 
 
 # =========================================================================================
-# 8. Reading the final answer: the grader's rules behind math_reward (section 2)
+# 8. Evaluation: greedy accuracy, and avg@k / pass@k as the papers report them
+#   avg@k  = mean over problems of c/k                (c correct among k samples)
+#   pass@k = mean over problems of 1 - C(n-c, k) / C(n, k)   (Chen et al. 2021, unbiased;
+#            with n = k samples it is the share of problems solved at least once)
+# =========================================================================================
+
+
+@torch.no_grad()
+def eval_outcomes(model, tokenizer, problems: list[dict], k: int, max_new_tokens: int,
+                  instruction: str = "", reward_fn=math_reward, batch_size: int = 256,
+                  bf16: bool = False, eos_ids: list[int] | None = None, greedy: bool = False,
+                  temperature: float = 1.0, top_p: float = 1.0,
+                  confidences: list | None = None, micro_batch_size: int = 8) -> list[list[float]]:
+    """1.0 / 0.0 (solved or not) for k responses to each problem: one list of k per problem.
+    Responses come from sample_responses, batch_size at a time. With a `confidences` list,
+    each response's answer_confidence is appended to it (one extra forward pass, at T = 1
+    for greedy responses, micro_batch_size rows at a time)."""
+    from tqdm import tqdm
+
+    outcomes = []
+    per_batch = max(1, batch_size // k)
+    # A transient bar, shown only on a terminal: the training bar and the log stay clean.
+    for i in tqdm(range(0, len(problems), per_batch), desc="eval greedy" if greedy else f"eval {k} samples each",
+                  leave=False, disable=None, dynamic_ncols=True):
+        chunk = problems[i:i + per_batch]
+        rollout, texts = sample_responses(model, tokenizer, [p["question"] for p in chunk], k, max_new_tokens,
+                                    temperature, top_p, greedy, instruction, eos_ids, bf16)
+        # solved = reward above 0.5 (a NaN from a broken reward counts as unsolved)
+        outcomes += [[float(reward_fn(texts[j * k + g], p["answer"]) > 0.5) for g in range(k)]
+                     for j, p in enumerate(chunk)]
+        if confidences is not None:
+            logp, _ = old_policy_stats(model, rollout, 1.0 if greedy else temperature,
+                                       micro_batch_size, bf16)
+            confidences += answer_confidence(tokenizer, rollout["completion_ids"],
+                                             rollout["completion_mask"], logp, texts).tolist()
+    return outcomes
+
+
+def evaluate_greedy(model, tokenizer, problems: list[dict], max_new_tokens: int, **eval_kw) -> float:
+    """Share of the problems whose greedy response earns reward 1. eval_kw: the keywords of
+    eval_outcomes (instruction, reward_fn, batch_size, bf16, eos_ids, micro_batch_size)."""
+    outcomes = eval_outcomes(model, tokenizer, problems, 1, max_new_tokens, greedy=True, **eval_kw)
+    return sum(o[0] for o in outcomes) / max(1, len(problems))
+
+
+def greedy_calibration(model, tokenizer, problems: list[dict], max_new_tokens: int,
+                       **eval_kw) -> dict:
+    """Greedy accuracy with the calibration of [B]: ECE (10 bins, expected_calibration_error)
+    of the confidence in each greedy answer (answer_confidence) against its correctness,
+    and the mean confidence. eval_kw: as for evaluate_greedy. -> {accuracy, ece, confidence}."""
+    confidences: list[float] = []
+    outcomes = eval_outcomes(model, tokenizer, problems, 1, max_new_tokens, greedy=True,
+                             confidences=confidences, **eval_kw)
+    correct, conf = torch.tensor([o[0] for o in outcomes]), torch.tensor(confidences)
+    return {"accuracy": sum(o[0] for o in outcomes) / max(1, len(problems)),  # as evaluate_greedy
+            "ece": expected_calibration_error(conf, correct), "confidence": conf.mean().item()}
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def evaluate_sampled(model, tokenizer, problems: list[dict], k: int, temperature: float,
+                     top_p: float, seed: int, max_new_tokens: int, **eval_kw) -> tuple[float, float]:
+    """(avg@k, pass@k) over the problems, k samples each at `temperature` / `top_p` (0.6 /
+    0.95 in the released runs of [A]). Sampled under a forked RNG seeded with `seed`: the
+    score does not depend on when it is taken, and taking it leaves the training RNG alone."""
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        outcomes = eval_outcomes(model, tokenizer, problems, k, max_new_tokens,
+                                 temperature=temperature, top_p=top_p, **eval_kw)
+    n = len(outcomes)
+    avg = sum(sum(o) / len(o) for o in outcomes) / max(1, n)
+    pas = sum(pass_at_k(len(o), int(sum(o)), len(o)) for o in outcomes) / max(1, n)
+    return avg, pas
+
+
+# =========================================================================================
+# 9. The training loop: rl_step (section 7) inside evaluation, logging and checkpoints
+# Everything that changes from step to step lives in one LoopState: the next step, lambda
+# of [B], the data order, the skip count, the last accuracy and the stage of [A]. A
+# checkpoint saves it (section 13), and --resume restores it.
+# =========================================================================================
+
+
+@dataclass
+class LoopState:
+    step: int = 0                   # the next step to run
+    pos_weight: float = 1.0         # lambda of [B]
+    order: list[int] = field(default_factory=list)  # what is left of this epoch's data order
+    nonfinite_skips: int = 0        # updates skipped for a NaN / inf reward or loss
+    accuracy: float | None = None   # the latest greedy held-out accuracy
+    shape_from: int = 0             # first step of [A]'s shaping (moves to the plateau, if asked)
+    stage_step: int | None = None   # the detected start of the plateau stage, once found
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def next_batch(problems: list[dict], state: LoopState, order_rng: random.Random,
+               n: int) -> list[dict]:
+    """The next n problems of a shuffled pass over the data, reshuffled every epoch."""
+    while len(state.order) < n:
+        perm = list(range(len(problems)))
+        order_rng.shuffle(perm)
+        state.order += perm
+    batch, state.order = [problems[i] for i in state.order[:n]], state.order[n:]
+    return batch
+
+
+def train(args: argparse.Namespace, model, tokenizer, train_set: list[dict],
+          eval_set: list[dict], out_dir: Path, resume: dict | None = None) -> dict:
+    """The RL loop: each step evaluates when due, runs rl_step, logs one metrics row to
+    out_dir/metrics.jsonl, moves lambda and the stage of [A], and saves a checkpoint when
+    due or on SIGINT / SIGTERM. `resume` is a checkpoint's trainer state (section 13).
+    Returns the run's summary."""
+    from tqdm import tqdm
+
+    device = next(model.parameters()).device
+    cfg = StepConfig(**{f.name: getattr(args, f.name) for f in fields(StepConfig)})
+    eos_ids = eos_token_ids(model, tokenizer)
+    reward_fn = reward_function(args.reward, args.last_number_fallback)
+    eval_kw = {"max_new_tokens": args.max_new_tokens, "instruction": args.instruction,
+               "reward_fn": reward_fn, "batch_size": args.eval_batch_size, "bf16": args.bf16,
+               "eos_ids": eos_ids, "micro_batch_size": args.micro_batch_size or 8}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                                  betas=(0.9, 0.99))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / max(1, args.lr_warmup_steps)))
+    order_rng = random.Random(args.seed)  # data order: reshuffled each epoch over the train set
+    plateau = args.shape_from == "plateau"  # shaping waits for the detected plateau
+    state = LoopState(pos_weight=0.0 if args.lambda_schedule == "entropy" else args.pos_weight,
+                      shape_from=args.steps if plateau else args.shape_from)  # lambda_0 = 0 in [B]
+    metrics_path, history, start = out_dir / "metrics.jsonl", [], time.time()
+    if resume is None:
+        metrics_path.write_text("")
+    else:  # every piece of state back, and the rows past the checkpoint dropped
+        history, start = restore_training(resume, state, optimizer, scheduler, order_rng, metrics_path)
+    state.stage_step = detect_plateau([r["entropy"] for r in history], [r["reward"] for r in history],
+                                      args.stage_window, args.stage_frac, args.stage_patience)
+    if plateau:  # shaping starts the step after the detection
+        detected = next((r["step"] for r in history if r["stage"] == "plateau"), None)
+        state.shape_from = args.steps if detected is None else detected + 1
+
+    def now() -> float:  # CUDA kernels run asynchronously: wait, or phase times are wrong
+        if args.profile and device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    stop = {"signum": None}  # set by SIGINT / SIGTERM: finish the step, save, exit
+    previous_handlers = catch_stop_signals(stop)
+    bar = tqdm(range(state.step, args.steps), desc=args.method, dynamic_ncols=True,
+               initial=state.step, total=args.steps)
+    for step in bar:
+        t0, tic, sampled_eval, calibration = time.time(), now(), (None, None), None
+        if device.type == "cuda":  # peak_mem_mb is this step's peak, printed or not
+            torch.cuda.reset_peak_memory_stats(device)
+        if step % args.eval_every == 0:  # the policy that is about to sample this step's batch
+            calibration = greedy_calibration(model, tokenizer, eval_set, **eval_kw)
+            state.accuracy = calibration["accuracy"]
+        if step == 0 and args.eval_k:
+            sampled_eval = evaluate_sampled(model, tokenizer, eval_set, args.eval_k, args.eval_temperature,
+                                            args.eval_top_p, seed=args.seed + 1, **eval_kw)
+        eval_s = now() - tic
+        batch = next_batch(train_set, state, order_rng, args.prompts_per_step)
+        if args.method == "posneg" and args.lambda_schedule != "entropy":
+            state.pos_weight = scheduled_lambda(args.lambda_schedule, step, args.steps,
+                                                args.pos_weight, args.lambda_epochs)
+        out = rl_step(model, tokenizer, optimizer, [p["question"] for p in batch],
+                      [p["answer"] for p in batch], cfg, reward_fn, eos_ids, state.pos_weight,
+                      shaping_active(args.method, step, state.shape_from, args.shape_until), now)
+        movement, tic = None, now()
+        if args.token_dynamics_every and step % args.token_dynamics_every == 0:  # [A]: what moved
+            new_logp, _ = old_policy_stats(model, out["rollout"], args.temperature,
+                                           args.micro_batch_size, args.bf16)
+            movement = token_movement(out["old_logp"], new_logp, out["entropy"],
+                                      out["rollout"]["completion_mask"], out["log_ppl"])
+        out["phases"]["token_dynamics"] = now() - tic
+        scheduler.step()
+        state.nonfinite_skips += out["update"]["skipped_updates"]
+        if out["update"]["skipped_updates"]:
+            tqdm.write(f"warning: non-finite {'loss' if out['rewards_ok'] else 'reward'} at "
+                       f"step {step}; {out['update']['skipped_updates']} update(s) skipped")
+        row = metrics_row(step, out, state.accuracy if step % args.eval_every == 0 else None,
+                          sampled_eval, state.pos_weight if args.method == "posneg" else None,
+                          scheduler.get_last_lr()[0], state.nonfinite_skips, eval_s, device,
+                          time.time() - t0, time.time() - start, args.group_size, calibration,
+                          movement)
+        if state.stage_step is None:  # online: only the rows logged so far
+            state.stage_step = detect_plateau([r["entropy"] for r in history] + [row["entropy"]],
+                                              [r["reward"] for r in history] + [row["reward"]],
+                                              args.stage_window, args.stage_frac, args.stage_patience)
+            if state.stage_step is not None and plateau:
+                state.shape_from = step + 1  # shaping starts with the next batch
+                tqdm.write(f"plateau detected at step {step} (transition ~step "
+                           f"{state.stage_step}); shaping from step {step + 1}")
+        row["stage"] = "rising" if state.stage_step is None else "plateau"
+        with metrics_path.open("a") as f:  # the row is on disk before the next step starts
+            f.write(json.dumps(row) + "\n")
+        history.append(row)
+        bar.set_postfix({"reward": f"{row['reward']:.2f}", "acc": f"{state.accuracy:.2f}",
+                         "H": f"{row['entropy']:.3f}", "stage": row["stage"],
+                         **({"pos_weight": f"{state.pos_weight:.2f}"} if args.method == "posneg" else {})})
+        if args.profile:
+            tqdm.write(format_profile(step, row["profile"]))
+        if args.method == "posneg" and args.lambda_schedule == "entropy":
+            state.pos_weight = entropy_guided_lambda(state.pos_weight, row["entropy"],
+                                                     args.entropy_target, args.lambda_step)
+        state.step = step + 1
+        if stop["signum"] is not None or (args.save_every and state.step % args.save_every == 0):
+            save_checkpoint(out_dir, model, tokenizer,
+                            checkpoint_state(state, optimizer, scheduler, order_rng, time.time() - start))
+        if stop["signum"] is not None:
+            bar.close()
+            restore_signal_handlers(previous_handlers)
+            print(f"stopped by {signal.Signals(stop['signum']).name} after step {step}; checkpoint "
+                  f"saved in {out_dir / 'checkpoint'}. Resume with the same command plus --resume")
+            raise SystemExit(128 + stop["signum"])
+    restore_signal_handlers(previous_handlers)
+    final_calibration = greedy_calibration(model, tokenizer, eval_set, **eval_kw)
+    final_sampled = (evaluate_sampled(model, tokenizer, eval_set, args.eval_k, args.eval_temperature,
+                                      args.eval_top_p, seed=args.seed + 1, **eval_kw)
+                     if args.eval_k else (None, None))
+    summary = run_summary(args, history, final_calibration, final_sampled, state.stage_step,
+                          state.nonfinite_skips, time.time() - start)
+    if args.profile:
+        print(format_profile("mean", summary["profile"]))
+    return summary
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Keep only each layer's input in forward and recompute the layer in backward: the
+    activations of a 1.5B model at 8 x 512 tokens no longer all sit in memory at once.
+    Active in train mode only, so generation (eval mode) keeps its KV cache."""
+    kwargs = {"use_reentrant": False}  # the non-reentrant form also works with frozen inputs
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x renamed it
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+# =========================================================================================
+# 10. Entropy analysis of [A], computed live, and the metrics row (not needed to train)
+# Stage: [A] splits training into a rising stage (accuracy climbs, entropy falls fast) and
+#   a plateau stage (both flatten). Our online rule: slope_x(t) = least-squares slope of x
+#   over the last w steps. The rising stage is "reward climbs and entropy falls", so we
+#   keep the steepest climb so far, up_R(t) = max_{s<=t} slope_R(s), and the steepest fall,
+#   down_H(t) = max_{s<=t} -slope_H(s). The plateau starts once slope_R < f*up_R and
+#   -slope_H < f*down_H (neither still moving the rising way) for `patience` steps in a
+#   row. Signed slopes matter: the reward of a 256-sample batch is noisy, and a wobble
+#   down is not "still rising". The slope at t describes the centre of its window, so the
+#   transition is reported as the first of those steps minus w//2.
+# Views, per step: entropy / log-PPL of positive vs negative responses; where the batch's
+#   top-20% entropy tokens sit across response-PPL terciles; entropy by position decile.
+# =========================================================================================
+
+
+def ls_slope(y: list[float]) -> float:
+    """Least-squares slope of y against 0, 1, ..., len(y) - 1."""
+    n = len(y)
+    x_mean, y_mean = (n - 1) / 2, sum(y) / n
+    return (sum((i - x_mean) * (v - y_mean) for i, v in enumerate(y))
+            / sum((i - x_mean) ** 2 for i in range(n)))
+
+
+def detect_plateau(entropy: list[float], reward: list[float], window: int = 10,
+                   frac: float = 0.25, patience: int = 5) -> int | None:
+    """Step where training leaves the rising stage, or None while it has not (see above).
+    Causal: the answer for a prefix of the curves never changes when more steps arrive."""
+    down_h = up_r = 0.0
+    run = 0
+    for t in range(window - 1, len(entropy)):
+        s_h, s_r = ls_slope(entropy[t - window + 1:t + 1]), ls_slope(reward[t - window + 1:t + 1])
+        down_h, up_r = max(down_h, -s_h), max(up_r, s_r)
+        still_rising = s_r >= frac * up_r or -s_h >= frac * down_h
+        run = 0 if still_rising else run + 1
+        if run == patience:
+            return max(0, t - patience + 1 - window // 2)
+    return None
+
+
+def ppl_tercile(log_ppl: torch.Tensor) -> torch.Tensor:
+    """Tercile of each response by rank of its log-PPL: (B,) -> (B,) in {0 lowest, 1, 2}."""
+    rank = torch.empty_like(log_ppl, dtype=torch.long)
+    rank[log_ppl.argsort(stable=True)] = torch.arange(len(log_ppl), device=log_ppl.device)
+    return rank * 3 // len(log_ppl)
+
+
+def position_bin(mask: torch.Tensor, bins: int = 10) -> torch.Tensor:
+    """Relative-position bin of each token: token t of a response of length L is in bin
+    floor(bins * t / L). (B, T) -> (B, T) long."""
+    lengths = mask.sum(1, keepdim=True).clamp(min=1)
+    t = torch.arange(mask.shape[1], device=mask.device)[None, :].float()
+    return (bins * t / lengths).floor().long().clamp(max=bins - 1)
+
+
+def high_entropy_ppl_terciles(entropy: torch.Tensor, mask: torch.Tensor, log_ppl: torch.Tensor,
+                              top_frac: float = 0.2) -> list[float]:
+    """Share of the batch's high-entropy tokens (top `top_frac` of valid tokens) inside
+    responses of low / middle / high perplexity (ppl_tercile).
+    (B, T), (B, T), (B,) -> [low, mid, high], summing to 1."""
+    valid = mask > 0
+    threshold = torch.quantile(entropy[valid].float(), 1 - top_frac)
+    high = ((entropy >= threshold) & valid).sum(1).float()  # (B,) high-entropy tokens per response
+    tercile, total = ppl_tercile(log_ppl), high.sum().clamp(min=1)
+    return [(high[tercile == k].sum() / total).item() for k in range(3)]
+
+
+def entropy_by_position(entropy: torch.Tensor, mask: torch.Tensor, bins: int = 10) -> list[float | None]:
+    """Mean token entropy per relative-position bin (position_bin).
+    (B, T), (B, T) -> `bins` values (None for an empty bin)."""
+    which, out = position_bin(mask, bins), []
+    for b in range(bins):
+        sel = (which == b) & (mask > 0)
+        out.append(entropy[sel].mean().item() if sel.any() else None)
+    return out
+
+
+# --- [B]'s diversity and calibration, and [A]'s token dynamics ---------------------------
+
+
+def distinct_answers(texts: list[str], group_size: int) -> float:
+    """Mean over groups of the number of distinct final answers among its G responses:
+    answers compared as math_reward compares them (parse_number, else normalize_answer),
+    "no answer" counting as one value. B texts -> a float in [1, G]. Collapse shows up as
+    fewer distinct answers ([B])."""
+    keys = [None if (a := extract_answer(t)) is None else
+            (parse_number(n := normalize_answer(a)) or n) for t in texts]
+    groups = [keys[i:i + group_size] for i in range(0, len(keys), group_size)]
+    return sum(len(set(g)) for g in groups) / len(groups)
+
+
+def shows_work(texts: list[str]) -> float:
+    """Share of responses that write an equation ('=') before their final answer ('####' or
+    the last \\boxed). On the built-in task it tells a worked solution from a bare guess
+    '#### N': RL that rewards only the answer can teach a model to stop reasoning."""
+    heads = [t.rsplit("####", 1)[0] if "####" in t else t.rsplit("\\boxed", 1)[0] for t in texts]
+    return sum("=" in h for h in heads) / max(1, len(texts))
+
+
+def distinct_ngram_ratio(completion_ids: torch.Tensor, mask: torch.Tensor, group_size: int,
+                         n: int) -> float | None:
+    """distinct-n (Li et al. 2016) per group: |distinct token n-grams| / |token n-grams| over
+    the valid tokens of its G responses (EOS included); the mean over groups that have an
+    n-gram. (B, T) ids, (B, T) mask -> a float in (0, 1], or None."""
+    ids, lengths, ratios = completion_ids.tolist(), mask.sum(1).long().tolist(), []
+    for g in range(0, len(ids), group_size):
+        grams = [tuple(row[t:t + n]) for row, L in zip(ids[g:g + group_size], lengths[g:g + group_size])
+                 for t in range(L - n + 1)]
+        if grams:
+            ratios.append(len(set(grams)) / len(grams))
+    return sum(ratios) / len(ratios) if ratios else None
+
+
+def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor,
+                               bins: int = 10) -> float:
+    """ECE = sum_b (n_b / N) |acc_b - conf_b| over equal-width confidence bins
+    [b/bins, (b+1)/bins), the last one closed at 1. (N,), (N,) -> float in [0, 1]."""
+    which = (confidence * bins).long().clamp(0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        sel = which == b
+        if sel.any():
+            ece += sel.float().mean().item() * abs(correct[sel].float().mean().item()
+                                                   - confidence[sel].float().mean().item())
+    return ece
+
+
+def answer_confidence(tokenizer, completion_ids: torch.Tensor, mask: torch.Tensor,
+                      logprobs: torch.Tensor, texts: list[str]) -> torch.Tensor:
+    """The model's confidence in each response's final answer: the product of pi(o_t) over
+    the tokens that spell the answer (their characters overlap the answer's last occurrence
+    in the text, found with extract_answer); 0 when there is no answer. If the answer's text
+    cannot be located, the whole response's tokens count. (B, T) x 3, B texts -> (B,)."""
+    out = []
+    for row, L, lp, text in zip(completion_ids.tolist(), mask.sum(1).long().tolist(),
+                                logprobs.tolist(), texts):
+        answer = (extract_answer(text) or "").strip()
+        if not answer:
+            out.append(0.0)
+            continue
+        pieces = [tokenizer.decode([i], skip_special_tokens=True) for i in row[:L]]
+        start, pos, total = "".join(pieces).rfind(answer), 0, 0.0
+        for t, piece in enumerate(pieces):
+            if start < 0 or (pos < start + len(answer) and pos + len(piece) > start):
+                total += lp[t]
+            pos += len(piece)
+        out.append(math.exp(total))
+    return torch.tensor(out)
+
+
+@torch.no_grad()
+def token_movement(old_logp: torch.Tensor, new_logp: torch.Tensor, entropy: torch.Tensor,
+                   mask: torch.Tensor, log_ppl: torch.Tensor, top_frac: float = 0.2,
+                   still: float = 0.01, bins: int = 10) -> dict:
+    """What one step's updates moved, token by token ([A]'s plateau-stage analysis):
+      d_t = |log pi_new(o_t) - log pi_old(o_t)|,  M = sum of d_t over valid tokens
+      barely_moved       share of valid tokens with |pi_new(o_t) - pi_old(o_t)| < still
+      move_high_entropy  sum of d_t over the top `top_frac` entropy tokens / M
+      move_ppl_terciles  [sum of d_t in low / mid / high log-PPL responses] / M (ppl_tercile)
+      move_by_position   [sum of d_t in each relative-position bin] / M (position_bin)
+    (B, T) x 4, (B,) -> dict. entropy and log-PPL are the sampling policy's."""
+    valid = mask > 0
+    d = torch.where(valid, (new_logp - old_logp).abs(), 0.0)
+    total = d.sum().clamp(min=1e-12)
+    still_frac = ((new_logp.exp() - old_logp.exp()).abs() < still)[valid].float().mean().item()
+    high = valid & (entropy >= torch.quantile(entropy[valid].float(), 1 - top_frac))
+    per_response, tercile, which = d.sum(1), ppl_tercile(log_ppl), position_bin(mask, bins)
+    return {"barely_moved": still_frac,
+            "move_high_entropy": (d[high].sum() / total).item(),
+            "move_ppl_terciles": [(per_response[tercile == k].sum() / total).item() for k in range(3)],
+            "move_by_position": [(d[which == b].sum() / total).item() for b in range(bins)]}
+
+
+def format_profile(step: int | str, profile: dict) -> str:
+    """One line of --profile output: seconds per phase, tokens/s and peak memory."""
+    order = ("eval_s", "rollout_s", "reward_s", "old_logp_s", "loss_backward_s", "optimizer_s",
+             "token_dynamics_s")
+    phases = " ".join(f"{k[:-2]} {profile[k]:.3f}s" for k in order if k in profile)
+    mem = profile.get("peak_mem_mb")
+    return (f"[profile] step {step}: {phases} | {profile['gen_tokens_per_s']:.0f} tok/s | "
+            f"peak mem {'n/a' if mem is None else f'{mem:.0f} MB'}")
+
+@torch.no_grad()
+def logp_adv_covariance(logprobs: torch.Tensor, advantages: torch.Tensor,
+                        mask: torch.Tensor) -> float:
+    """Cov(log pi(o_t), A_t) over the batch's valid tokens: (B, T) x 3 -> float.
+
+    Cui et al. (arXiv 2505.22617) show the entropy change of one policy-gradient step is
+    about -lr * this covariance: positive -> entropy falls next, negative -> it rises.
+    """
+    n = mask.sum()
+    mean_lp, mean_a = (logprobs * mask).sum() / n, (advantages * mask).sum() / n
+    return (((logprobs - mean_lp) * (advantages - mean_a) * mask).sum() / n).item()
+
+
+def peak_memory_mb(device: torch.device) -> float | None:
+    """Peak memory so far: CUDA max_memory_allocated on a GPU, else the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
+
+
+def metrics_row(step: int, out: dict, accuracy: float | None, sampled_eval: tuple,
+                pos_weight: float | None, lr: float, nonfinite_skips: int, eval_s: float,
+                device: torch.device, step_time: float, elapsed: float, group_size: int,
+                calibration: dict | None = None, movement: dict | None = None) -> dict:
+    """One row of metrics.jsonl from what rl_step returned (`out`), the step's greedy_calibration
+    (None between evaluations) and token_movement (None between its steps); docs/outputs.md
+    lists the fields. Uses masked_mean, high_entropy_ppl_terciles,
+    entropy_by_position, logp_adv_covariance, distinct_answers, distinct_ngram_ratio,
+    shows_work and peak_memory_mb."""
+    rewards, mask, entropy, log_ppl = out["rewards"], out["rollout"]["completion_mask"], out["entropy"], out["log_ppl"]
+    is_pos = rewards > 0.5
+    pos, neg = is_pos[:, None] * mask, ~is_pos[:, None] * mask
+    update, phases = out["update"], out["phases"]
+    return {
+        "step": step,
+        "reward": rewards.mean().item(),
+        "accuracy": accuracy,
+        "entropy": masked_mean(entropy, mask),
+        "entropy_pos": masked_mean(entropy, pos),
+        "entropy_neg": masked_mean(entropy, neg),
+        "log_ppl": log_ppl.mean().item(),
+        "log_ppl_pos": log_ppl[is_pos].mean().item() if is_pos.any() else None,
+        "log_ppl_neg": log_ppl[~is_pos].mean().item() if (~is_pos).any() else None,
+        "high_entropy_ppl_terciles": high_entropy_ppl_terciles(entropy, mask, log_ppl),
+        "entropy_by_position": entropy_by_position(entropy, mask),
+        "distinct_answers": distinct_answers(out["texts"], group_size),
+        **{f"distinct_{n}": distinct_ngram_ratio(out["rollout"]["completion_ids"], mask, group_size, n)
+           for n in (1, 2, 3)},
+        "ece": calibration and calibration["ece"],
+        "confidence": calibration and calibration["confidence"],
+        **{k: movement and movement[k] for k in ("barely_moved", "move_high_entropy",
+                                                  "move_ppl_terciles", "move_by_position")},
+        "response_len": mask.sum(1).mean().item(),
+        "shows_work": shows_work(out["texts"]),
+        "truncated_frac": out["rollout"]["truncated"].float().mean().item(),
+        "zero_var_frac": out["zero_var"].float().mean().item(),
+        "shaping": out["shaping"],
+        "ppl_weight_min": out["ppl_weight"].min().item(),
+        "ppl_weight_max": out["ppl_weight"].max().item(),
+        "adv_abs_mean": masked_mean(out["advantages"].abs(), mask),
+        "pos_weight": pos_weight,
+        "cov_logp_adv": logp_adv_covariance(out["old_logp"], out["advantages"] * out["token_weights"], mask),
+        **{k: update[k] for k in ("loss", "clip_frac_low", "clip_frac_high", "approx_kl", "grad_norm")},
+        "lr": lr,
+        "nonfinite_skips": nonfinite_skips,
+        "avg_at_k": sampled_eval[0],
+        "pass_at_k": sampled_eval[1],
+        "step_time": step_time,
+        "time": elapsed,
+        "profile": {"eval_s": eval_s, **{f"{k}_s": v for k, v in phases.items()},
+                    "gen_tokens_per_s": mask.sum().item() / max(phases["rollout"], 1e-9),
+                    "peak_mem_mb": peak_memory_mb(device)},
+    }
+
+
+def run_summary(args: argparse.Namespace, history: list[dict], final: dict,
+                final_sampled: tuple, stage_step: int | None, nonfinite_skips: int,
+                train_time: float) -> dict:
+    """summary.json: start and final accuracy and calibration (`final`: greedy_calibration
+    after the last step), avg@k / pass@k, entropy over the first and last steps, the stage
+    transition, skips, time, and the mean of each profile field."""
+    def mean_of(key: str, rows: list[dict]) -> float:
+        return sum(r[key] for r in rows) / len(rows)
+
+    peaks = [r["profile"]["peak_mem_mb"] for r in history if r["profile"]["peak_mem_mb"] is not None]
+    return {
+        "method": args.method, "seed": args.seed, "steps": args.steps,
+        "start_accuracy": history[0]["accuracy"], "final_accuracy": final["accuracy"],
+        "start_ece": history[0]["ece"], "final_ece": final["ece"],
+        "start_confidence": history[0]["confidence"], "final_confidence": final["confidence"],
+        "eval_k": args.eval_k, "start_avg_at_k": history[0]["avg_at_k"],
+        "final_avg_at_k": final_sampled[0], "start_pass_at_k": history[0]["pass_at_k"],
+        "final_pass_at_k": final_sampled[1],
+        "entropy_first10": mean_of("entropy", history[:10]),
+        "entropy_last10": mean_of("entropy", history[-10:]),
+        "final_entropy": mean_of("entropy", history[-20:]),  # the last 20 steps, as in [B]'s tables
+        "stage_step": stage_step, "nonfinite_skips": nonfinite_skips, "train_time": train_time,
+        "profile": {**{key: mean_of(key, [r["profile"] for r in history])
+                       for key in history[-1]["profile"] if key != "peak_mem_mb"},
+                    "peak_mem_mb": max(peaks) if peaks else None},
+    }
+
+
+# =========================================================================================
+# 11. Reading the final answer: the grader's rules behind math_reward (section 2)
 # extract_answer finds the last final-answer marker, normalize_answer turns what it read into
 # a canonical number or string, and parse_number makes it an exact Fraction. Linear-time on
-# any input. The README's "The reward" tables list what is accepted, and why.
+# any input. docs/reward.md lists what is accepted, and why. An appendix to section 2.
 # =========================================================================================
 
 _NUMBER = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:/[0-9]+)?")
@@ -933,543 +1471,6 @@ def reward_function(name: str = "math", last_number_fallback: bool = False):
 
 
 # =========================================================================================
-# 9. Evaluation: greedy accuracy, and avg@k / pass@k as the papers report them
-#   avg@k  = mean over problems of c/k                (c correct among k samples)
-#   pass@k = mean over problems of 1 - C(n-c, k) / C(n, k)   (Chen et al. 2021, unbiased;
-#            with n = k samples it is the share of problems solved at least once)
-# =========================================================================================
-
-
-@torch.no_grad()
-def eval_outcomes(model, tokenizer, problems: list[dict], k: int, max_new_tokens: int,
-                  instruction: str = "", reward_fn=math_reward, batch_size: int = 256,
-                  bf16: bool = False, eos_ids: list[int] | None = None, greedy: bool = False,
-                  temperature: float = 1.0, top_p: float = 1.0,
-                  confidences: list | None = None, micro_batch_size: int = 8) -> list[list[float]]:
-    """1.0 / 0.0 (solved or not) for k responses to each problem: one list of k per problem.
-    Responses come from sample_responses, batch_size at a time. With a `confidences` list,
-    each response's answer_confidence is appended to it (one extra forward pass, at T = 1
-    for greedy responses, micro_batch_size rows at a time)."""
-    from tqdm import tqdm
-
-    outcomes = []
-    per_batch = max(1, batch_size // k)
-    # A transient bar, shown only on a terminal: the training bar and the log stay clean.
-    for i in tqdm(range(0, len(problems), per_batch), desc="eval greedy" if greedy else f"eval {k} samples each",
-                  leave=False, disable=None, dynamic_ncols=True):
-        chunk = problems[i:i + per_batch]
-        rollout, texts = sample_responses(model, tokenizer, [p["question"] for p in chunk], k, max_new_tokens,
-                                    temperature, top_p, greedy, instruction, eos_ids, bf16)
-        # solved = reward above 0.5 (a NaN from a broken reward counts as unsolved)
-        outcomes += [[float(reward_fn(texts[j * k + g], p["answer"]) > 0.5) for g in range(k)]
-                     for j, p in enumerate(chunk)]
-        if confidences is not None:
-            logp, _ = old_policy_stats(model, rollout, 1.0 if greedy else temperature,
-                                       micro_batch_size, bf16)
-            confidences += answer_confidence(tokenizer, rollout["completion_ids"],
-                                             rollout["completion_mask"], logp, texts).tolist()
-    return outcomes
-
-
-def evaluate_greedy(model, tokenizer, problems: list[dict], max_new_tokens: int, **eval_kw) -> float:
-    """Share of the problems whose greedy response earns reward 1. eval_kw: the keywords of
-    eval_outcomes (instruction, reward_fn, batch_size, bf16, eos_ids, micro_batch_size)."""
-    outcomes = eval_outcomes(model, tokenizer, problems, 1, max_new_tokens, greedy=True, **eval_kw)
-    return sum(o[0] for o in outcomes) / max(1, len(problems))
-
-
-def greedy_calibration(model, tokenizer, problems: list[dict], max_new_tokens: int,
-                       **eval_kw) -> dict:
-    """Greedy accuracy with the calibration of [B]: ECE (10 bins, expected_calibration_error)
-    of the confidence in each greedy answer (answer_confidence) against its correctness,
-    and the mean confidence. eval_kw: as for evaluate_greedy. -> {accuracy, ece, confidence}."""
-    confidences: list[float] = []
-    outcomes = eval_outcomes(model, tokenizer, problems, 1, max_new_tokens, greedy=True,
-                             confidences=confidences, **eval_kw)
-    correct, conf = torch.tensor([o[0] for o in outcomes]), torch.tensor(confidences)
-    return {"accuracy": sum(o[0] for o in outcomes) / max(1, len(problems)),  # as evaluate_greedy
-            "ece": expected_calibration_error(conf, correct), "confidence": conf.mean().item()}
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k)."""
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
-
-
-def evaluate_sampled(model, tokenizer, problems: list[dict], k: int, temperature: float,
-                     top_p: float, seed: int, max_new_tokens: int, **eval_kw) -> tuple[float, float]:
-    """(avg@k, pass@k) over the problems, k samples each at `temperature` / `top_p` (0.6 /
-    0.95 in the released runs of [A]). Sampled under a forked RNG seeded with `seed`: the
-    score does not depend on when it is taken, and taking it leaves the training RNG alone."""
-    device = next(model.parameters()).device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        outcomes = eval_outcomes(model, tokenizer, problems, k, max_new_tokens,
-                                 temperature=temperature, top_p=top_p, **eval_kw)
-    n = len(outcomes)
-    avg = sum(sum(o) / len(o) for o in outcomes) / max(1, n)
-    pas = sum(pass_at_k(len(o), int(sum(o)), len(o)) for o in outcomes) / max(1, n)
-    return avg, pas
-
-
-# =========================================================================================
-# 10. The training loop: rl_step (section 7) inside evaluation, logging and checkpoints
-# Everything that changes from step to step lives in one LoopState: the next step, lambda
-# of [B], the data order, the skip count, the last accuracy and the stage of [A]. A
-# checkpoint saves it (section 13), and --resume restores it.
-# =========================================================================================
-
-
-@dataclass
-class LoopState:
-    step: int = 0                   # the next step to run
-    pos_weight: float = 1.0         # lambda of [B]
-    order: list[int] = field(default_factory=list)  # what is left of this epoch's data order
-    nonfinite_skips: int = 0        # updates skipped for a NaN / inf reward or loss
-    accuracy: float | None = None   # the latest greedy held-out accuracy
-    shape_from: int = 0             # first step of [A]'s shaping (moves to the plateau, if asked)
-    stage_step: int | None = None   # the detected start of the plateau stage, once found
-
-
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-def next_batch(problems: list[dict], state: LoopState, order_rng: random.Random,
-               n: int) -> list[dict]:
-    """The next n problems of a shuffled pass over the data, reshuffled every epoch."""
-    while len(state.order) < n:
-        perm = list(range(len(problems)))
-        order_rng.shuffle(perm)
-        state.order += perm
-    batch, state.order = [problems[i] for i in state.order[:n]], state.order[n:]
-    return batch
-
-
-def train(args: argparse.Namespace, model, tokenizer, train_set: list[dict],
-          eval_set: list[dict], out_dir: Path, resume: dict | None = None) -> dict:
-    """The RL loop: each step evaluates when due, runs rl_step, logs one metrics row to
-    out_dir/metrics.jsonl, moves lambda and the stage of [A], and saves a checkpoint when
-    due or on SIGINT / SIGTERM. `resume` is a checkpoint's trainer state (section 13).
-    Returns the run's summary."""
-    from tqdm import tqdm
-
-    device = next(model.parameters()).device
-    cfg = StepConfig(**{f.name: getattr(args, f.name) for f in fields(StepConfig)})
-    eos_ids = eos_token_ids(model, tokenizer)
-    reward_fn = reward_function(args.reward, args.last_number_fallback)
-    eval_kw = {"max_new_tokens": args.max_new_tokens, "instruction": args.instruction,
-               "reward_fn": reward_fn, "batch_size": args.eval_batch_size, "bf16": args.bf16,
-               "eos_ids": eos_ids, "micro_batch_size": args.micro_batch_size or 8}
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                                  betas=(0.9, 0.99))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / max(1, args.lr_warmup_steps)))
-    order_rng = random.Random(args.seed)  # data order: reshuffled each epoch over the train set
-    plateau = args.shape_from == "plateau"  # shaping waits for the detected plateau
-    state = LoopState(pos_weight=0.0 if args.lambda_schedule == "entropy" else args.pos_weight,
-                      shape_from=args.steps if plateau else args.shape_from)  # lambda_0 = 0 in [B]
-    metrics_path, history, start = out_dir / "metrics.jsonl", [], time.time()
-    if resume is None:
-        metrics_path.write_text("")
-    else:  # every piece of state back, and the rows past the checkpoint dropped
-        history, start = restore_training(resume, state, optimizer, scheduler, order_rng, metrics_path)
-    state.stage_step = detect_plateau([r["entropy"] for r in history], [r["reward"] for r in history],
-                                      args.stage_window, args.stage_frac, args.stage_patience)
-    if plateau:  # shaping starts the step after the detection
-        detected = next((r["step"] for r in history if r["stage"] == "plateau"), None)
-        state.shape_from = args.steps if detected is None else detected + 1
-
-    def now() -> float:  # CUDA kernels run asynchronously: wait, or phase times are wrong
-        if args.profile and device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter()
-
-    stop = {"signum": None}  # set by SIGINT / SIGTERM: finish the step, save, exit
-    previous_handlers = catch_stop_signals(stop)
-    bar = tqdm(range(state.step, args.steps), desc=args.method, dynamic_ncols=True,
-               initial=state.step, total=args.steps)
-    for step in bar:
-        t0, tic, sampled_eval, calibration = time.time(), now(), (None, None), None
-        if device.type == "cuda":  # peak_mem_mb is this step's peak, printed or not
-            torch.cuda.reset_peak_memory_stats(device)
-        if step % args.eval_every == 0:  # the policy that is about to sample this step's batch
-            calibration = greedy_calibration(model, tokenizer, eval_set, **eval_kw)
-            state.accuracy = calibration["accuracy"]
-        if step == 0 and args.eval_k:
-            sampled_eval = evaluate_sampled(model, tokenizer, eval_set, args.eval_k, args.eval_temperature,
-                                            args.eval_top_p, seed=args.seed + 1, **eval_kw)
-        eval_s = now() - tic
-        batch = next_batch(train_set, state, order_rng, args.prompts_per_step)
-        if args.method == "posneg" and args.lambda_schedule != "entropy":
-            state.pos_weight = scheduled_lambda(args.lambda_schedule, step, args.steps,
-                                                args.pos_weight, args.lambda_epochs)
-        out = rl_step(model, tokenizer, optimizer, [p["question"] for p in batch],
-                      [p["answer"] for p in batch], cfg, reward_fn, eos_ids, state.pos_weight,
-                      shaping_active(args.method, step, state.shape_from, args.shape_until), now)
-        movement, tic = None, now()
-        if args.token_dynamics_every and step % args.token_dynamics_every == 0:  # [A]: what moved
-            new_logp, _ = old_policy_stats(model, out["rollout"], args.temperature,
-                                           args.micro_batch_size, args.bf16)
-            movement = token_movement(out["old_logp"], new_logp, out["entropy"],
-                                      out["rollout"]["completion_mask"], out["log_ppl"])
-        out["phases"]["token_dynamics"] = now() - tic
-        scheduler.step()
-        state.nonfinite_skips += out["update"]["skipped_updates"]
-        if out["update"]["skipped_updates"]:
-            tqdm.write(f"warning: non-finite {'loss' if out['rewards_ok'] else 'reward'} at "
-                       f"step {step}; {out['update']['skipped_updates']} update(s) skipped")
-        row = metrics_row(step, out, state.accuracy if step % args.eval_every == 0 else None,
-                          sampled_eval, state.pos_weight if args.method == "posneg" else None,
-                          scheduler.get_last_lr()[0], state.nonfinite_skips, eval_s, device,
-                          time.time() - t0, time.time() - start, args.group_size, calibration,
-                          movement)
-        if state.stage_step is None:  # online: only the rows logged so far
-            state.stage_step = detect_plateau([r["entropy"] for r in history] + [row["entropy"]],
-                                              [r["reward"] for r in history] + [row["reward"]],
-                                              args.stage_window, args.stage_frac, args.stage_patience)
-            if state.stage_step is not None and plateau:
-                state.shape_from = step + 1  # shaping starts with the next batch
-                tqdm.write(f"plateau detected at step {step} (transition ~step "
-                           f"{state.stage_step}); shaping from step {step + 1}")
-        row["stage"] = "rising" if state.stage_step is None else "plateau"
-        with metrics_path.open("a") as f:  # the row is on disk before the next step starts
-            f.write(json.dumps(row) + "\n")
-        history.append(row)
-        bar.set_postfix({"reward": f"{row['reward']:.2f}", "acc": f"{state.accuracy:.2f}",
-                         "H": f"{row['entropy']:.3f}", "stage": row["stage"],
-                         **({"pos_weight": f"{state.pos_weight:.2f}"} if args.method == "posneg" else {})})
-        if args.profile:
-            tqdm.write(format_profile(step, row["profile"]))
-        if args.method == "posneg" and args.lambda_schedule == "entropy":
-            state.pos_weight = entropy_guided_lambda(state.pos_weight, row["entropy"],
-                                                     args.entropy_target, args.lambda_step)
-        state.step = step + 1
-        if stop["signum"] is not None or (args.save_every and state.step % args.save_every == 0):
-            save_checkpoint(out_dir, model, tokenizer,
-                            checkpoint_state(state, optimizer, scheduler, order_rng, time.time() - start))
-        if stop["signum"] is not None:
-            bar.close()
-            restore_signal_handlers(previous_handlers)
-            print(f"stopped by {signal.Signals(stop['signum']).name} after step {step}; checkpoint "
-                  f"saved in {out_dir / 'checkpoint'}. Resume with the same command plus --resume")
-            raise SystemExit(128 + stop["signum"])
-    restore_signal_handlers(previous_handlers)
-    final_calibration = greedy_calibration(model, tokenizer, eval_set, **eval_kw)
-    final_sampled = (evaluate_sampled(model, tokenizer, eval_set, args.eval_k, args.eval_temperature,
-                                      args.eval_top_p, seed=args.seed + 1, **eval_kw)
-                     if args.eval_k else (None, None))
-    summary = run_summary(args, history, final_calibration, final_sampled, state.stage_step,
-                          state.nonfinite_skips, time.time() - start)
-    if args.profile:
-        print(format_profile("mean", summary["profile"]))
-    return summary
-
-
-def enable_gradient_checkpointing(model) -> None:
-    """Keep only each layer's input in forward and recompute the layer in backward: the
-    activations of a 1.5B model at 8 x 512 tokens no longer all sit in memory at once.
-    Active in train mode only, so generation (eval mode) keeps its KV cache."""
-    kwargs = {"use_reentrant": False}  # the non-reentrant form also works with frozen inputs
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x renamed it
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-
-# =========================================================================================
-# 11. Entropy analysis of [A], computed live, and the metrics row (not needed to train)
-# Stage: [A] splits training into a rising stage (accuracy climbs, entropy falls fast) and
-#   a plateau stage (both flatten). Our online rule: slope_x(t) = least-squares slope of x
-#   over the last w steps. The rising stage is "reward climbs and entropy falls", so we
-#   keep the steepest climb so far, up_R(t) = max_{s<=t} slope_R(s), and the steepest fall,
-#   down_H(t) = max_{s<=t} -slope_H(s). The plateau starts once slope_R < f*up_R and
-#   -slope_H < f*down_H (neither still moving the rising way) for `patience` steps in a
-#   row. Signed slopes matter: the reward of a 256-sample batch is noisy, and a wobble
-#   down is not "still rising". The slope at t describes the centre of its window, so the
-#   transition is reported as the first of those steps minus w//2.
-# Views, per step: entropy / log-PPL of positive vs negative responses; where the batch's
-#   top-20% entropy tokens sit across response-PPL terciles; entropy by position decile.
-# =========================================================================================
-
-
-def ls_slope(y: list[float]) -> float:
-    """Least-squares slope of y against 0, 1, ..., len(y) - 1."""
-    n = len(y)
-    x_mean, y_mean = (n - 1) / 2, sum(y) / n
-    return (sum((i - x_mean) * (v - y_mean) for i, v in enumerate(y))
-            / sum((i - x_mean) ** 2 for i in range(n)))
-
-
-def detect_plateau(entropy: list[float], reward: list[float], window: int = 10,
-                   frac: float = 0.25, patience: int = 5) -> int | None:
-    """Step where training leaves the rising stage, or None while it has not (see above).
-    Causal: the answer for a prefix of the curves never changes when more steps arrive."""
-    down_h = up_r = 0.0
-    run = 0
-    for t in range(window - 1, len(entropy)):
-        s_h, s_r = ls_slope(entropy[t - window + 1:t + 1]), ls_slope(reward[t - window + 1:t + 1])
-        down_h, up_r = max(down_h, -s_h), max(up_r, s_r)
-        still_rising = s_r >= frac * up_r or -s_h >= frac * down_h
-        run = 0 if still_rising else run + 1
-        if run == patience:
-            return max(0, t - patience + 1 - window // 2)
-    return None
-
-
-def ppl_tercile(log_ppl: torch.Tensor) -> torch.Tensor:
-    """Tercile of each response by rank of its log-PPL: (B,) -> (B,) in {0 lowest, 1, 2}."""
-    rank = torch.empty_like(log_ppl, dtype=torch.long)
-    rank[log_ppl.argsort(stable=True)] = torch.arange(len(log_ppl), device=log_ppl.device)
-    return rank * 3 // len(log_ppl)
-
-
-def position_bin(mask: torch.Tensor, bins: int = 10) -> torch.Tensor:
-    """Relative-position bin of each token: token t of a response of length L is in bin
-    floor(bins * t / L). (B, T) -> (B, T) long."""
-    lengths = mask.sum(1, keepdim=True).clamp(min=1)
-    t = torch.arange(mask.shape[1], device=mask.device)[None, :].float()
-    return (bins * t / lengths).floor().long().clamp(max=bins - 1)
-
-
-def high_entropy_ppl_terciles(entropy: torch.Tensor, mask: torch.Tensor, log_ppl: torch.Tensor,
-                              top_frac: float = 0.2) -> list[float]:
-    """Share of the batch's high-entropy tokens (top `top_frac` of valid tokens) inside
-    responses of low / middle / high perplexity (ppl_tercile).
-    (B, T), (B, T), (B,) -> [low, mid, high], summing to 1."""
-    valid = mask > 0
-    threshold = torch.quantile(entropy[valid].float(), 1 - top_frac)
-    high = ((entropy >= threshold) & valid).sum(1).float()  # (B,) high-entropy tokens per response
-    tercile, total = ppl_tercile(log_ppl), high.sum().clamp(min=1)
-    return [(high[tercile == k].sum() / total).item() for k in range(3)]
-
-
-def entropy_by_position(entropy: torch.Tensor, mask: torch.Tensor, bins: int = 10) -> list[float | None]:
-    """Mean token entropy per relative-position bin (position_bin).
-    (B, T), (B, T) -> `bins` values (None for an empty bin)."""
-    which, out = position_bin(mask, bins), []
-    for b in range(bins):
-        sel = (which == b) & (mask > 0)
-        out.append(entropy[sel].mean().item() if sel.any() else None)
-    return out
-
-
-# --- [B]'s diversity and calibration, and [A]'s token dynamics ---------------------------
-
-
-def distinct_answers(texts: list[str], group_size: int) -> float:
-    """Mean over groups of the number of distinct final answers among its G responses:
-    answers compared as math_reward compares them (parse_number, else normalize_answer),
-    "no answer" counting as one value. B texts -> a float in [1, G]. Collapse shows up as
-    fewer distinct answers ([B])."""
-    keys = [None if (a := extract_answer(t)) is None else
-            (parse_number(n := normalize_answer(a)) or n) for t in texts]
-    groups = [keys[i:i + group_size] for i in range(0, len(keys), group_size)]
-    return sum(len(set(g)) for g in groups) / len(groups)
-
-
-def shows_work(texts: list[str]) -> float:
-    """Share of responses that write an equation ('=') before their final answer ('####' or
-    the last \\boxed). On the built-in task it tells a worked solution from a bare guess
-    '#### N': RL that rewards only the answer can teach a model to stop reasoning."""
-    heads = [t.rsplit("####", 1)[0] if "####" in t else t.rsplit("\\boxed", 1)[0] for t in texts]
-    return sum("=" in h for h in heads) / max(1, len(texts))
-
-
-def distinct_ngram_ratio(completion_ids: torch.Tensor, mask: torch.Tensor, group_size: int,
-                         n: int) -> float | None:
-    """distinct-n (Li et al. 2016) per group: |distinct token n-grams| / |token n-grams| over
-    the valid tokens of its G responses (EOS included); the mean over groups that have an
-    n-gram. (B, T) ids, (B, T) mask -> a float in (0, 1], or None."""
-    ids, lengths, ratios = completion_ids.tolist(), mask.sum(1).long().tolist(), []
-    for g in range(0, len(ids), group_size):
-        grams = [tuple(row[t:t + n]) for row, L in zip(ids[g:g + group_size], lengths[g:g + group_size])
-                 for t in range(L - n + 1)]
-        if grams:
-            ratios.append(len(set(grams)) / len(grams))
-    return sum(ratios) / len(ratios) if ratios else None
-
-
-def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor,
-                               bins: int = 10) -> float:
-    """ECE = sum_b (n_b / N) |acc_b - conf_b| over equal-width confidence bins
-    [b/bins, (b+1)/bins), the last one closed at 1. (N,), (N,) -> float in [0, 1]."""
-    which = (confidence * bins).long().clamp(0, bins - 1)
-    ece = 0.0
-    for b in range(bins):
-        sel = which == b
-        if sel.any():
-            ece += sel.float().mean().item() * abs(correct[sel].float().mean().item()
-                                                   - confidence[sel].float().mean().item())
-    return ece
-
-
-def answer_confidence(tokenizer, completion_ids: torch.Tensor, mask: torch.Tensor,
-                      logprobs: torch.Tensor, texts: list[str]) -> torch.Tensor:
-    """The model's confidence in each response's final answer: the product of pi(o_t) over
-    the tokens that spell the answer (their characters overlap the answer's last occurrence
-    in the text, found with extract_answer); 0 when there is no answer. If the answer's text
-    cannot be located, the whole response's tokens count. (B, T) x 3, B texts -> (B,)."""
-    out = []
-    for row, L, lp, text in zip(completion_ids.tolist(), mask.sum(1).long().tolist(),
-                                logprobs.tolist(), texts):
-        answer = (extract_answer(text) or "").strip()
-        if not answer:
-            out.append(0.0)
-            continue
-        pieces = [tokenizer.decode([i], skip_special_tokens=True) for i in row[:L]]
-        start, pos, total = "".join(pieces).rfind(answer), 0, 0.0
-        for t, piece in enumerate(pieces):
-            if start < 0 or (pos < start + len(answer) and pos + len(piece) > start):
-                total += lp[t]
-            pos += len(piece)
-        out.append(math.exp(total))
-    return torch.tensor(out)
-
-
-@torch.no_grad()
-def token_movement(old_logp: torch.Tensor, new_logp: torch.Tensor, entropy: torch.Tensor,
-                   mask: torch.Tensor, log_ppl: torch.Tensor, top_frac: float = 0.2,
-                   still: float = 0.01, bins: int = 10) -> dict:
-    """What one step's updates moved, token by token ([A]'s plateau-stage analysis):
-      d_t = |log pi_new(o_t) - log pi_old(o_t)|,  M = sum of d_t over valid tokens
-      barely_moved       share of valid tokens with |pi_new(o_t) - pi_old(o_t)| < still
-      move_high_entropy  sum of d_t over the top `top_frac` entropy tokens / M
-      move_ppl_terciles  [sum of d_t in low / mid / high log-PPL responses] / M (ppl_tercile)
-      move_by_position   [sum of d_t in each relative-position bin] / M (position_bin)
-    (B, T) x 4, (B,) -> dict. entropy and log-PPL are the sampling policy's."""
-    valid = mask > 0
-    d = torch.where(valid, (new_logp - old_logp).abs(), 0.0)
-    total = d.sum().clamp(min=1e-12)
-    still_frac = ((new_logp.exp() - old_logp.exp()).abs() < still)[valid].float().mean().item()
-    high = valid & (entropy >= torch.quantile(entropy[valid].float(), 1 - top_frac))
-    per_response, tercile, which = d.sum(1), ppl_tercile(log_ppl), position_bin(mask, bins)
-    return {"barely_moved": still_frac,
-            "move_high_entropy": (d[high].sum() / total).item(),
-            "move_ppl_terciles": [(per_response[tercile == k].sum() / total).item() for k in range(3)],
-            "move_by_position": [(d[which == b].sum() / total).item() for b in range(bins)]}
-
-
-def format_profile(step: int | str, profile: dict) -> str:
-    """One line of --profile output: seconds per phase, tokens/s and peak memory."""
-    order = ("eval_s", "rollout_s", "reward_s", "old_logp_s", "loss_backward_s", "optimizer_s",
-             "token_dynamics_s")
-    phases = " ".join(f"{k[:-2]} {profile[k]:.3f}s" for k in order if k in profile)
-    mem = profile.get("peak_mem_mb")
-    return (f"[profile] step {step}: {phases} | {profile['gen_tokens_per_s']:.0f} tok/s | "
-            f"peak mem {'n/a' if mem is None else f'{mem:.0f} MB'}")
-
-@torch.no_grad()
-def logp_adv_covariance(logprobs: torch.Tensor, advantages: torch.Tensor,
-                        mask: torch.Tensor) -> float:
-    """Cov(log pi(o_t), A_t) over the batch's valid tokens: (B, T) x 3 -> float.
-
-    Cui et al. (arXiv 2505.22617) show the entropy change of one policy-gradient step is
-    about -lr * this covariance: positive -> entropy falls next, negative -> it rises.
-    """
-    n = mask.sum()
-    mean_lp, mean_a = (logprobs * mask).sum() / n, (advantages * mask).sum() / n
-    return (((logprobs - mean_lp) * (advantages - mean_a) * mask).sum() / n).item()
-
-
-def peak_memory_mb(device: torch.device) -> float | None:
-    """Peak memory so far: CUDA max_memory_allocated on a GPU, else the process's peak RSS."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        import resource
-    except ImportError:  # Windows
-        return None
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
-
-
-def metrics_row(step: int, out: dict, accuracy: float | None, sampled_eval: tuple,
-                pos_weight: float | None, lr: float, nonfinite_skips: int, eval_s: float,
-                device: torch.device, step_time: float, elapsed: float, group_size: int,
-                calibration: dict | None = None, movement: dict | None = None) -> dict:
-    """One row of metrics.jsonl from what rl_step returned (`out`), the step's greedy_calibration
-    (None between evaluations) and token_movement (None between its steps); the README's
-    "Outputs" lists the fields. Uses masked_mean, high_entropy_ppl_terciles,
-    entropy_by_position, logp_adv_covariance, distinct_answers, distinct_ngram_ratio,
-    shows_work and peak_memory_mb."""
-    rewards, mask, entropy, log_ppl = out["rewards"], out["rollout"]["completion_mask"], out["entropy"], out["log_ppl"]
-    is_pos = rewards > 0.5
-    pos, neg = is_pos[:, None] * mask, ~is_pos[:, None] * mask
-    update, phases = out["update"], out["phases"]
-    return {
-        "step": step,
-        "reward": rewards.mean().item(),
-        "accuracy": accuracy,
-        "entropy": masked_mean(entropy, mask),
-        "entropy_pos": masked_mean(entropy, pos),
-        "entropy_neg": masked_mean(entropy, neg),
-        "log_ppl": log_ppl.mean().item(),
-        "log_ppl_pos": log_ppl[is_pos].mean().item() if is_pos.any() else None,
-        "log_ppl_neg": log_ppl[~is_pos].mean().item() if (~is_pos).any() else None,
-        "high_entropy_ppl_terciles": high_entropy_ppl_terciles(entropy, mask, log_ppl),
-        "entropy_by_position": entropy_by_position(entropy, mask),
-        "distinct_answers": distinct_answers(out["texts"], group_size),
-        **{f"distinct_{n}": distinct_ngram_ratio(out["rollout"]["completion_ids"], mask, group_size, n)
-           for n in (1, 2, 3)},
-        "ece": calibration and calibration["ece"],
-        "confidence": calibration and calibration["confidence"],
-        **{k: movement and movement[k] for k in ("barely_moved", "move_high_entropy",
-                                                  "move_ppl_terciles", "move_by_position")},
-        "response_len": mask.sum(1).mean().item(),
-        "shows_work": shows_work(out["texts"]),
-        "truncated_frac": out["rollout"]["truncated"].float().mean().item(),
-        "zero_var_frac": out["zero_var"].float().mean().item(),
-        "shaping": out["shaping"],
-        "ppl_weight_min": out["ppl_weight"].min().item(),
-        "ppl_weight_max": out["ppl_weight"].max().item(),
-        "adv_abs_mean": masked_mean(out["advantages"].abs(), mask),
-        "pos_weight": pos_weight,
-        "cov_logp_adv": logp_adv_covariance(out["old_logp"], out["advantages"] * out["token_weights"], mask),
-        **{k: update[k] for k in ("loss", "clip_frac_low", "clip_frac_high", "approx_kl", "grad_norm")},
-        "lr": lr,
-        "nonfinite_skips": nonfinite_skips,
-        "avg_at_k": sampled_eval[0],
-        "pass_at_k": sampled_eval[1],
-        "step_time": step_time,
-        "time": elapsed,
-        "profile": {"eval_s": eval_s, **{f"{k}_s": v for k, v in phases.items()},
-                    "gen_tokens_per_s": mask.sum().item() / max(phases["rollout"], 1e-9),
-                    "peak_mem_mb": peak_memory_mb(device)},
-    }
-
-
-def run_summary(args: argparse.Namespace, history: list[dict], final: dict,
-                final_sampled: tuple, stage_step: int | None, nonfinite_skips: int,
-                train_time: float) -> dict:
-    """summary.json: start and final accuracy and calibration (`final`: greedy_calibration
-    after the last step), avg@k / pass@k, entropy over the first and last steps, the stage
-    transition, skips, time, and the mean of each profile field."""
-    def mean_of(key: str, rows: list[dict]) -> float:
-        return sum(r[key] for r in rows) / len(rows)
-
-    peaks = [r["profile"]["peak_mem_mb"] for r in history if r["profile"]["peak_mem_mb"] is not None]
-    return {
-        "method": args.method, "seed": args.seed, "steps": args.steps,
-        "start_accuracy": history[0]["accuracy"], "final_accuracy": final["accuracy"],
-        "start_ece": history[0]["ece"], "final_ece": final["ece"],
-        "start_confidence": history[0]["confidence"], "final_confidence": final["confidence"],
-        "eval_k": args.eval_k, "start_avg_at_k": history[0]["avg_at_k"],
-        "final_avg_at_k": final_sampled[0], "start_pass_at_k": history[0]["pass_at_k"],
-        "final_pass_at_k": final_sampled[1],
-        "entropy_first10": mean_of("entropy", history[:10]),
-        "entropy_last10": mean_of("entropy", history[-10:]),
-        "final_entropy": mean_of("entropy", history[-20:]),  # the last 20 steps, as in [B]'s tables
-        "stage_step": stage_step, "nonfinite_skips": nonfinite_skips, "train_time": train_time,
-        "profile": {**{key: mean_of(key, [r["profile"] for r in history])
-                       for key in history[-1]["profile"] if key != "peak_mem_mb"},
-                    "peak_mem_mb": max(peaks) if peaks else None},
-    }
-
-
-# =========================================================================================
 # 12. The tiny preset: a character-level tokenizer, a small Qwen2, a supervised warm-up
 # Real RLVR starts from an instruct model that already answers in the right format and
 # reasons, with systematic mistakes that RL can fix. The tiny preset builds that start in
@@ -1484,6 +1485,9 @@ def run_summary(args: argparse.Namespace, history: list[dict], final: dict,
 
 TINY_MODEL = {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 3,
               "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
+# torch's own thread count, read at import, before --threads changes it: the warm-up's
+# default (--warmup-threads 0), since its batches gain from every core and RL's do not.
+DEFAULT_THREADS = torch.get_num_threads()
 
 
 def make_arithmetic_problem(rng: random.Random, n_terms: tuple[int, int] = (4, 5),
@@ -1584,7 +1588,7 @@ def student_solution(question: str, rng: random.Random, slip: float = 0.75,
     rarer than the forgotten ten, so greedy decoding writes the forgotten ten. The
     correct step keeps probability 1 - slip, for RL to find; the slips are likely tokens,
     so wrong responses are confident ones. The comma (off in the preset) is a style fork
-    that the reward does not read, for probing [B] (README).
+    that the reward does not read, for probing [B] (docs/results.md).
     """
     terms = re.findall(r"[+-]?[0-9]+", question)
     value, steps = int(terms[0]), []
@@ -1636,11 +1640,12 @@ def supervised_warmup(model, tokenizer, problems: list[dict], steps: int, batch_
     bar = tqdm(range(steps), desc="warm-up", leave=False, disable=None, dynamic_ncols=True)
     for step in bar:
         batch = rng.sample(problems, batch_size)
-        prompt_ids = [tokenizer(build_prompt(tokenizer, p["question"]), add_special_tokens=False).input_ids
-                      for p in batch]
         targets = [student_solution(p["question"], rng, slip, off_by_one, comma) for p in batch]
-        target_ids = [tokenizer(t, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-                      for t in targets]
+        # One tokenizer call per batch, not per string: a tenth of the step otherwise.
+        prompt_ids = tokenizer([build_prompt(tokenizer, p["question"]) for p in batch],
+                               add_special_tokens=False).input_ids
+        target_ids = [ids + [tokenizer.eos_token_id]
+                      for ids in tokenizer(targets, add_special_tokens=False).input_ids]
         width = max(len(a) + len(b) for a, b in zip(prompt_ids, target_ids))
         ids = torch.full((batch_size, width), tokenizer.pad_token_id)
         labels = torch.full((batch_size, width), -100)
@@ -1676,10 +1681,13 @@ def tiny_warm_model(args: argparse.Namespace, train_set: list[dict]):
     if not (folder / "config.json").exists():
         print(f"warm-up: {args.warmup_steps} supervised steps on the built-in task "
               f"(cached in {folder} for later runs)")
+        rl_threads = torch.get_num_threads()
+        torch.set_num_threads(args.warmup_threads or DEFAULT_THREADS)
         model = build_tiny_model(tokenizer, args.warmup_seed)
         losses = supervised_warmup(model, tokenizer, train_set, args.warmup_steps,
                                    args.warmup_batch_size, args.warmup_lr, args.warmup_seed,
                                    args.warmup_slip, args.warmup_off_by_one, args.warmup_comma)
+        torch.set_num_threads(rl_threads)
         print(f"warm-up: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
         tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
         model.save_pretrained(tmp)
@@ -1836,6 +1844,21 @@ def moving_average(values: list[float | None], window: int = 5) -> list[float | 
     return out
 
 
+def save_figure(fig, out_path: Path) -> Path:
+    """Write a matplotlib figure as PNG (one sentence if it cannot be written), then close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out_path, dpi=110)
+    except OSError as e:
+        raise SystemExit(f"error: cannot write the figure {out_path} ({e.strerror})") from None
+    finally:
+        plt.close(fig)
+    return out_path
+
+
 def plot_runs(run_dirs: list[Path], out_path: Path, smooth: int = 5) -> Path:
     """Draw reward/accuracy, entropy, positive vs negative entropy and the position profile
     of each run, one colour per method, a dotted line at each run's stage transition."""
@@ -1905,19 +1928,11 @@ def plot_runs(run_dirs: list[Path], out_path: Path, smooth: int = 5) -> Path:
         a.set_xlabel(xlabel)
         a.grid(alpha=0.3)
         a.legend(fontsize=7)
-    fig.tight_layout()
-    try:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out_path, dpi=110)
-    except OSError as e:
-        raise SystemExit(f"error: cannot write the figure {out_path} ({e.strerror})") from None
-    finally:
-        plt.close(fig)
-    return out_path
+    return save_figure(fig, out_path)
 
 
 def plot_analysis_panels(ax, run: dict, c: str, label: str | None, smooth: int) -> None:
-    """The panels of diversity, calibration and token movement (section 11) for one run."""
+    """The panels of diversity, calibration and token movement (section 10) for one run."""
     rows = run["rows"]
 
     def series(key, pick=lambda v: v):
@@ -2009,8 +2024,8 @@ def compare(argv: list[str]) -> str:
     p.add_argument("--out-dir", default="runs/compare", help="one sub-folder per run, plus "
                    "compare.md and compare.png")
     p.add_argument("--jobs", type=int, default=1,
-                   help="runs at the same time; with more than 1 each run uses "
-                        "cpu_count/jobs threads (--threads), which changes its numbers slightly")
+                   help="runs at the same time; with more than 1 and no --threads of the "
+                        "preset or the flags (gsm8k), each run uses cpu_count/jobs threads")
     p.add_argument("--overwrite", action="store_true",
                    help="redo every run; by default a finished run with the same settings is "
                         "reused, so --seeds 5 after --seeds 3 trains only seeds 3 and 4")
@@ -2051,11 +2066,10 @@ def compare(argv: list[str]) -> str:
         print(f"reusing {len(wall)} finished run(s) with the same settings "
               f"(--overwrite redoes them)")
     if args.model == "tiny" and todo:  # warm up once here, so parallel runs do not all do it
-        if args.threads:
-            torch.set_num_threads(args.threads)
         set_seed(args.seed)
         tiny_warm_model(args, load_data(args)[0])
-    threads = max(1, (os.cpu_count() or 1) // opts.jobs) if opts.jobs > 1 else None
+    # Parallel runs share the cores, unless the preset or the flags pin the threads already.
+    threads = max(1, (os.cpu_count() or 1) // opts.jobs) if opts.jobs > 1 and not args.threads else None
     running, failed = [], []
     from tqdm import tqdm
 
@@ -2102,6 +2116,41 @@ def compare(argv: list[str]) -> str:
     return text
 
 
+def plot_overview(run_dirs: list[Path], out_path: Path, smooth: int = 5) -> Path:
+    """Two panels for a front page: held-out greedy accuracy and token entropy over steps,
+    one line per run, the shaping window of [A] shaded."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("error: plotting needs matplotlib: pip install matplotlib") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [read_run(Path(d)) for d in run_dirs]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for i, run in enumerate(runs):
+        rows, a = run["rows"], run["args"]
+        label = f"{a.get('method', '?')}, seed {a.get('seed', '?')}"
+        acc = [(r["step"], r["accuracy"]) for r in rows if r["accuracy"] is not None]
+        if run["summary"] is not None:
+            acc.append((rows[-1]["step"] + 1, run["summary"]["final_accuracy"]))
+        left.plot(*zip(*acc), c=f"C{i}", marker="o", ms=3, lw=1.5, label=label)
+        right.plot([r["step"] for r in rows], moving_average([r["entropy"] for r in rows], smooth),
+                   c=f"C{i}", lw=1.5, label=label)
+    shaded = {(r["args"].get("shape_from"), r["args"].get("shape_until")) for r in runs
+              if r["args"].get("method") in ("ppl", "position")}
+    for lo, hi in shaded:
+        if isinstance(lo, int) and isinstance(hi, int) and lo < hi:
+            for a in (left, right):
+                a.axvspan(lo, hi, color="grey", alpha=0.15, lw=0)
+    left.set(title="held-out greedy accuracy (shaded: shaping window)", xlabel="RL step", ylim=(0, 1))
+    right.set(title=f"token entropy of the sampled responses ({smooth}-step mean)", xlabel="RL step")
+    for a in (left, right):
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+    return save_figure(fig, out_path)
+
+
 def plot_command(argv: list[str]) -> Path:
     """`plot RUN_DIR [RUN_DIR ...] -o fig.png`."""
     p = argparse.ArgumentParser(prog="rlvr_entropy.py plot",
@@ -2109,12 +2158,15 @@ def plot_command(argv: list[str]) -> Path:
     p.add_argument("run_dirs", nargs="+", help="folders written by a training run")
     p.add_argument("-o", "--output", default="runs/plot.png", help="PNG file to write")
     p.add_argument("--smooth", type=int, default=5, help="moving-average window (steps)")
+    p.add_argument("--overview", action="store_true", help="two panels only: accuracy and "
+                   "entropy over steps, the shaping window shaded (the README's figure)")
     opts = p.parse_args(argv)
     if opts.smooth < 1:
         raise SystemExit(f"error: --smooth must be at least 1 (got {opts.smooth})")
     if Path(opts.output).is_dir():
         raise SystemExit(f"error: -o {opts.output} is a folder; name a .png file")
-    out = plot_runs([Path(d) for d in opts.run_dirs], Path(opts.output), opts.smooth)
+    draw = plot_overview if opts.overview else plot_runs
+    out = draw([Path(d) for d in opts.run_dirs], Path(opts.output), opts.smooth)
     print(f"saved {out}")
     return out
 
@@ -2129,13 +2181,13 @@ PRESETS = {
              "lr": 2e-4, "lr_warmup_steps": 0, "weight_decay": 0.0, "updates_per_batch": 1,
              "mini_batches": 2, "micro_batch_size": 64, "eval_every": 10, "eval_size": 500,
              "train_size": 5000, "instruction": "", "token_dynamics_every": 5,
-             "entropy_target": 0.027},
+             "entropy_target": 0.027, "threads": 1},
     "gsm8k": {"model": "Qwen/Qwen2.5-0.5B-Instruct", "dataset": "gsm8k", "steps": 300,
               "prompts_per_step": 16, "group_size": 8, "max_new_tokens": 512,
               "temperature": 1.0, "top_p": 1.0, "lr": 1e-6, "lr_warmup_steps": 10,
               "weight_decay": 0.1, "updates_per_batch": 1, "mini_batches": 4,
               "micro_batch_size": 8, "eval_every": 25, "eval_size": 200,
-              "token_dynamics_every": 25, "entropy_target": 0.2,
+              "token_dynamics_every": 25, "entropy_target": 0.2, "threads": 0,
               "instruction": "Please reason step by step, and put your final answer "
                              "within \\boxed{}."},
 }
@@ -2170,7 +2222,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--save-every", type=int, default=0, help="checkpoint every N steps (0: only on "
       "SIGINT/SIGTERM)")
     a("--resume", action="store_true", help="continue from <out-dir>/checkpoint with the same "
-      "run-defining flags (see the README for those that may change)")
+      "run-defining flags (docs/resume.md lists those that may change)")
     a("--overwrite", action="store_true", help="replace a run already in --out-dir")
     a = p.add_argument_group("data and reward").add_argument
     a("--model", help="hub name or local folder of a causal LM; 'tiny': the built-in one")
@@ -2241,7 +2293,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--gradient-checkpointing", action="store_true", help="recompute activations in "
       "backward: less memory, more compute")
     a("--device", help="cuda, cpu, ... (default: cuda if available)")
-    a("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    a("--threads", type=int, help="CPU threads for torch during RL (0: torch's default; tiny "
+      "preset 1: its small matrices gain nothing from a second thread)")
     a("--no-bf16", dest="bf16", action="store_false", help="on CUDA, fp32 instead of bf16 "
       "autocast")
     a("--trust-remote-code", action="store_true", help="allow model code from the hub")
@@ -2249,6 +2302,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--warmup-steps", type=int, default=1500, help="supervised warm-up steps")
     a("--warmup-lr", type=float, default=3e-3, help="warm-up learning rate")
     a("--warmup-batch-size", type=int, default=64, help="warm-up batch size")
+    a("--warmup-threads", type=int, default=0, help="CPU threads for the warm-up (0: torch's "
+      "default; its batch of 64 sequences does gain from more)")
     a("--warmup-seed", type=int, default=0, help="seed of the warm-up (every RL run starts "
       "from its one model)")
     a("--warmup-slip", type=float, default=0.75, help="probability that the warm-up's student "
@@ -2317,6 +2372,7 @@ NUMERIC_FLAGS = [
     ("eval_every", 1, None, True), ("token_dynamics_every", 0, None, True),
     ("eval_batch_size", 1, None, True), ("eval_k", 0, None, True),
     ("eval_temperature", 0, None, False), ("eval_top_p", 0, 1, False), ("threads", 0, None, True),
+    ("warmup_threads", 0, None, True),
     ("warmup_steps", 1, None, True), ("warmup_lr", 0, None, False),
     ("warmup_batch_size", 1, None, True), ("warmup_seed", 0, None, True),
     ("warmup_slip", 0, 1, True), ("warmup_off_by_one", 0, 1, True),

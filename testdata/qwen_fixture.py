@@ -6,8 +6,9 @@ gsm8k path (the hub is out of reach in CI).
   (tiktoken ranks -> BPE vocab + merges, Qwen2's pre-tokenizer regex, byte-level pieces,
   NFC), with Qwen2.5's 22 added tokens at ids 151643-151664, eos `<|im_end|>`, pad
   `<|endoftext|>`, and a ChatML template of our own in Qwen2.5-Instruct's form.
-- Model: a Qwen2 with Qwen2.5-0.5B-Instruct's vocabulary (151,936 rows), hidden size, heads
-  and tied embeddings, but few layers and random weights; its generation_config carries the
+- Model: a Qwen2 with Qwen2.5-0.5B-Instruct's vocabulary (151,936 rows) and tied
+  embeddings, few layers and random weights, at 0.5B's or 1.5B's hidden size and heads (the
+  benchmarks) or a small "test" shape (the tests); its generation_config carries the
   released sampling values (two eos ids, top_k 20, repetition penalty 1.1, T 0.7, top-p 0.8),
   which the trainer must not pick up.
 - `teach_boxed_answers`: a few supervised steps that teach a short `\\boxed{N}<|im_end|>`
@@ -53,8 +54,12 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
 SYSTEM_TURN = ("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
                "assistant.<|im_end|>\n")
-# Qwen2.5-0.5B-Instruct and -1.5B-Instruct (config.json), all but the layer count.
+# Qwen2.5-0.5B-Instruct and -1.5B-Instruct (config.json), all but the layer count; "test"
+# keeps the real vocabulary and Qwen's head size (64) at a seventh of 0.5B's hidden size, so
+# that the tests' AdamW steps over the 151,936-row embedding stay cheap.
 SHAPES = {
+    "test": {"hidden_size": 128, "intermediate_size": 512, "num_attention_heads": 2,
+             "num_key_value_heads": 1, "full_layers": 2},
     "0.5b": {"hidden_size": 896, "intermediate_size": 4864, "num_attention_heads": 14,
              "num_key_value_heads": 2, "full_layers": 24},
     "1.5b": {"hidden_size": 1536, "intermediate_size": 8960, "num_attention_heads": 12,
@@ -116,10 +121,13 @@ def read_problems(path: Path = GSM8K_SAMPLE) -> list[dict]:
 
 
 def teach_boxed_answers(model, tokenizer, problems: list[dict], steps: int = 40,
-                        lr: float = 1e-3, instruction: str = "", seed: int = 0) -> list[float]:
+                        lr: float = 3e-3, instruction: str = "", seed: int = 0,
+                        train_embedding: bool = False) -> list[float]:
     """Supervised steps on prompt -> '\\boxed{N}<|im_end|>' (N each problem's gold answer):
     cross-entropy on the answer tokens only, whose hidden states alone go through the
-    151,936-row head. Returns the loss of each step."""
+    151,936-row head. The embedding trains only with `train_embedding` (the small "test"
+    shape, whose random rows are too short for the layers to point at them: logits of at
+    most |RMSNorm(h)| * |row| = 11 * 0.23). Returns the loss of each step."""
     rng = random.Random(seed)
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     rows = []
@@ -133,9 +141,9 @@ def teach_boxed_answers(model, tokenizer, problems: list[dict], steps: int = 40,
         rows.append((prompt_ids, target))
     # The tied embedding stays as it is: the layers learn to point at the answer's rows, and
     # no step pays for a dense gradient and Adam state of 136M embedding weights.
-    trainable = [p for n, p in model.named_parameters() if "embed_tokens" not in n]
+    trainable = [p for n, p in model.named_parameters() if train_embedding or "embed_tokens" not in n]
     optimizer = torch.optim.Adam(trainable, lr=lr)
-    model.model.embed_tokens.weight.requires_grad_(False)
+    model.model.embed_tokens.weight.requires_grad_(train_embedding)
     model.train()
     losses = []
     for _ in range(steps):
@@ -169,7 +177,7 @@ def write_fixture(folder: Path, layers: int = 2, shape: str = "0.5b", teach_step
     model = build_qwen_model(layers, shape, seed)
     if teach_steps:
         teach_boxed_answers(model, tok, read_problems(), teach_steps, instruction=instruction,
-                            seed=seed)
+                            seed=seed, train_embedding=shape == "test")
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     config_path = folder / "tokenizer_config.json"  # the class a Qwen2.5 download names
