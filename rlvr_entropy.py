@@ -1683,11 +1683,13 @@ def tiny_warm_model(args: argparse.Namespace, train_set: list[dict]):
               f"(cached in {folder} for later runs)")
         rl_threads = torch.get_num_threads()
         torch.set_num_threads(args.warmup_threads or DEFAULT_THREADS)
-        model = build_tiny_model(tokenizer, args.warmup_seed)
-        losses = supervised_warmup(model, tokenizer, train_set, args.warmup_steps,
-                                   args.warmup_batch_size, args.warmup_lr, args.warmup_seed,
-                                   args.warmup_slip, args.warmup_off_by_one, args.warmup_comma)
-        torch.set_num_threads(rl_threads)
+        try:  # RL's thread count comes back even if the warm-up is interrupted
+            model = build_tiny_model(tokenizer, args.warmup_seed)
+            losses = supervised_warmup(model, tokenizer, train_set, args.warmup_steps,
+                                       args.warmup_batch_size, args.warmup_lr, args.warmup_seed,
+                                       args.warmup_slip, args.warmup_off_by_one, args.warmup_comma)
+        finally:
+            torch.set_num_threads(rl_threads)
         print(f"warm-up: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
         tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
         model.save_pretrained(tmp)
