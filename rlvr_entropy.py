@@ -1480,7 +1480,10 @@ def reward_function(name: str = "math", last_number_fallback: bool = False):
 # or borrow (about 19%), whatever the seed or torch build. RL must then find the carry,
 # which the model still writes with probability 1 - slip, inside a worked solution: the
 # work is the only way to the answer. The result is cached on disk, keyed by everything
-# it depends on.
+# it depends on. The default warm-up's weights also ship in testdata/ (0.8 MB), so a
+# first run goes straight to RL and every machine starts from the same model: trained
+# here, the weights move with the CPU's float kernels. --train-warmup trains them anyway,
+# and a test retrains the default and checks the shipped file against it.
 # =========================================================================================
 
 TINY_MODEL = {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 3,
@@ -1488,6 +1491,7 @@ TINY_MODEL = {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 
 # torch's own thread count, read at import, before --threads changes it: the warm-up's
 # default (--warmup-threads 0), since its batches gain from every core and RL's do not.
 DEFAULT_THREADS = torch.get_num_threads()
+SHIPPED_WARMUPS = Path(__file__).resolve().parent / "testdata"  # tiny-warmup-<key>.safetensors
 
 
 def make_arithmetic_problem(rng: random.Random, n_terms: tuple[int, int] = (4, 5),
@@ -1677,7 +1681,17 @@ def tiny_warm_model(args: argparse.Namespace, train_set: list[dict]):
                       "comma": args.warmup_comma,
                       "batch": args.warmup_batch_size, "seed": args.warmup_seed,
                       "data": [train_set[0], len(train_set)], "v": 3}, sort_keys=True)
-    folder = Path(args.cache_dir) / f"tiny-warmup-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    name = f"tiny-warmup-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    shipped, folder = SHIPPED_WARMUPS / f"{name}.safetensors", Path(args.cache_dir) / name
+    if shipped.exists() and not args.train_warmup:
+        from safetensors.torch import load_model
+        print(f"warm-up: using its shipped weights, {shipped} "
+              "(--train-warmup trains them here: about 3.5 minutes on 2 cores)")
+        # Built from TINY_MODEL by this transformers, not from a saved config: any version
+        # in requirements.txt reads the file the same way.
+        model = build_tiny_model(tokenizer, args.warmup_seed)
+        load_model(model, shipped)
+        return model, tokenizer
     if not (folder / "config.json").exists():
         print(f"warm-up: {args.warmup_steps} supervised steps on the built-in task "
               f"(cached in {folder} for later runs)")
@@ -2314,6 +2328,8 @@ def build_parser() -> argparse.ArgumentParser:
       "one off instead of forgetting the ten")
     a("--warmup-comma", type=float, default=0.0, help="probability that the warm-up's student "
       "separates two steps with ', ' instead of ' '")
+    a("--train-warmup", action="store_true", help="train the default warm-up here instead of "
+      "loading its shipped weights from testdata/ (then cached like any other warm-up)")
     a("--cache-dir", default=os.path.join(Path.home(), ".cache", "rlvr_entropy"),
       help="where the warmed-up tiny model is cached")
     return p

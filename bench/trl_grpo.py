@@ -1,12 +1,13 @@
 """The tiny preset's RL step inside TRL's GRPOTrainer, timed (a benchmark, not a test).
 
-The same step as `rlvr_entropy.py`'s tiny preset: the cached warm-up, 32 prompts x G = 8,
+The same step as `rlvr_entropy.py`'s tiny preset: its default warm-up (the shipped weights,
+as `rlvr_entropy.py` loads them), 32 prompts x G = 8,
 at most 48 new tokens, 2 optimizer steps of 128 responses per rollout batch, lr 2e-4,
 clip 0.2 / 0.28, no KL, token-mean ("dapo") loss, temperature 1, on the CPU, one thread.
 One RL step is two optimizer steps; its time is the gap between every second step's end,
 median over the steps after the first. Needs trl (examples/requirements.txt's venv):
 
-    python bench/trl_grpo.py ~/.cache/rlvr_entropy/tiny-warmup-<hash> 11
+    python bench/trl_grpo.py 11
 """
 import statistics
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -23,8 +24,8 @@ import rlvr_entropy as R
 
 torch.manual_seed(0)
 torch.set_num_threads(1)  # as the tiny preset's RL (--threads 1)
-folder, cycles = sys.argv[1], int(sys.argv[2])
-model, tok = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+cycles = int(sys.argv[1])
+model, tok = R.tiny_warm_model(R.parse_args(["--preset", "tiny"]), R.builtin_task(5000, seed=0))
 data = Dataset.from_list([{"prompt": R.build_prompt(tok, p["question"]), "answer": p["answer"]}
                           for p in R.builtin_task(5000, seed=0)])
 
