@@ -1685,13 +1685,13 @@ def tiny_warm_model(args: argparse.Namespace, train_set: list[dict]):
     shipped, folder = SHIPPED_WARMUPS / f"{name}.safetensors", Path(args.cache_dir) / name
     if shipped.exists() and not args.train_warmup:
         from safetensors.torch import load_model
-        print(f"warm-up: using its shipped weights, {shipped} "
+        print(f"warm-up: using its shipped weights, testdata/{shipped.name} "
               "(--train-warmup trains them here: about 3.5 minutes on 2 cores)")
         # Built from TINY_MODEL by this transformers, not from a saved config: any version
         # in requirements.txt reads the file the same way.
         model = build_tiny_model(tokenizer, args.warmup_seed)
         load_model(model, shipped)
-        return model, tokenizer
+        return model.eval(), tokenizer  # as from_pretrained returns it
     if not (folder / "config.json").exists():
         print(f"warm-up: {args.warmup_steps} supervised steps on the built-in task "
               f"(cached in {folder} for later runs)")
