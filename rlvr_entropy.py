@@ -1672,7 +1672,7 @@ def supervised_warmup(model, tokenizer, problems: list[dict], steps: int, batch_
 
 
 def tiny_warm_model(args: argparse.Namespace, train_set: list[dict]):
-    """The tiny model after the supervised warm-up, loaded from the cache if present."""
+    """The tiny model after the supervised warm-up: the shipped weights, else the cache, else trained."""
     from transformers import AutoModelForCausalLM
 
     tokenizer = build_char_tokenizer()
