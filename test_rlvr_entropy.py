@@ -634,7 +634,7 @@ def start_by_crossing(model, tok, eval_set: list[dict], max_new_tokens: int) -> 
     with a crossing step."""
     solved = [o[0] for o in R.eval_outcomes(model, tok, eval_set, 1, max_new_tokens, greedy=True)]
     free = [R.crossing_free_share([p]) == 1.0 for p in eval_set]
-    return {"solved": solved, "start": sum(solved) / len(solved),
+    return {"solved": solved, "start": sum(solved) / len(solved), "n_free": sum(free),
             "free": sum(s for s, f in zip(solved, free) if f) / sum(free),
             "crossing": sum(s for s, f in zip(solved, free) if not f) / (len(free) - sum(free))}
 
@@ -655,8 +655,11 @@ def test_default_run_loads_the_shipped_warmup_and_it_lands_in_the_band(tmp_path,
     assert set(shipped) <= set(state) and all(torch.equal(state[k], v) for k, v in shipped.items())
     assert torch.equal(model.lm_head.weight, state["model.embed_tokens.weight"])  # tied
     r = start_by_crossing(model, tok, eval_set, args.max_new_tokens)
+    assert len(eval_set) == 500 and r["n_free"] == 94
+    start = R.evaluate_greedy(model, tok, eval_set, args.max_new_tokens)  # the trainer's own route
+    assert start == pytest.approx((r["free"] * 94 + r["crossing"] * 406) / 500)
     assert r["free"] >= 0.9 and r["crossing"] <= 0.1
-    assert 0.15 <= r["start"] <= 0.30  # the README's band
+    assert 0.15 <= start <= 0.30  # the README's band
 
 
 def test_train_warmup_trains_instead_of_loading_and_caches(tmp_path, monkeypatch, capsys):
