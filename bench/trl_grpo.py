@@ -25,9 +25,10 @@ import rlvr_entropy as R
 torch.manual_seed(0)
 torch.set_num_threads(1)  # as the tiny preset's RL (--threads 1)
 cycles = int(sys.argv[1])
-model, tok = R.tiny_warm_model(R.parse_args(["--preset", "tiny"]), R.builtin_task(5000, seed=0))
+train_set = R.builtin_task(5000, seed=0)
+model, tok = R.tiny_warm_model(R.parse_args(["--preset", "tiny"]), train_set)
 data = Dataset.from_list([{"prompt": R.build_prompt(tok, p["question"]), "answer": p["answer"]}
-                          for p in R.builtin_task(5000, seed=0)])
+                          for p in train_set])
 
 
 def reward(completions, answer, **_):
