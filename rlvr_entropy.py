@@ -2195,7 +2195,7 @@ PRESETS = {
     "tiny": {"model": "tiny", "dataset": "builtin", "steps": 100, "prompts_per_step": 32,
              "group_size": 8, "max_new_tokens": 48, "temperature": 1.0, "top_p": 1.0,
              "lr": 2e-4, "lr_warmup_steps": 0, "weight_decay": 0.0, "updates_per_batch": 1,
-             "mini_batches": 2, "micro_batch_size": 64, "eval_every": 10, "eval_size": 500,
+             "mini_batches": 2, "micro_batch_size": 64, "eval_every": 20, "eval_size": 500,
              "train_size": 5000, "instruction": "", "token_dynamics_every": 5,
              "entropy_target": 0.027, "threads": 1},
     "gsm8k": {"model": "Qwen/Qwen2.5-0.5B-Instruct", "dataset": "gsm8k", "steps": 300,
