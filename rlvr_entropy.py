@@ -432,6 +432,20 @@ def shaping_active(method: str, step: int, shape_from: int, shape_until: int) ->
     return method in ("ppl", "position") and shape_from <= step < shape_until
 
 
+# --- PSR / NSR / W-REINFORCE (Zhu et al., arXiv 2506.01347) --------------------------------
+#   A_i = lambda if response i is correct, -1 if it is wrong: no group baseline, no std.
+# PSR (positive samples only) is lambda = 1 with the wrong ones dropped; NSR (negative only)
+# is lambda = 0. W-REINFORCE weights PSR by lambda = 0.1, the paper's choice: mostly
+# pushing down wrong answers, which the authors found keeps entropy and pass@k up.
+
+
+def weighted_reinforce_advantages(rewards: torch.Tensor, pos_weight: float = 0.1,
+                                  neg_weight: float = 1.0) -> torch.Tensor:
+    """A_i = pos_weight if r_i = 1, -neg_weight if r_i = 0 (r > 0.5 counts as correct):
+    (B,) -> (B,). PSR: (1, 0); NSR: (0, 1); W-REINFORCE: (0.1, 1)."""
+    return torch.where(rewards > 0.5, rewards.new_tensor(pos_weight), rewards.new_tensor(-neg_weight))
+
+
 # =========================================================================================
 # 6. Loss: the PPO-clipped token objective with Clip-Higher (DAPO)
 #   ratio = pi_theta(o_t) / pi_old(o_t)
@@ -526,6 +540,80 @@ def entropy_guided_lambda(pos_weight: float, entropy: float, target: float = 0.2
     Entropy too low -> weaker positive updates -> entropy rises, and the reverse."""
     pos_weight = pos_weight - step_size if entropy < target else pos_weight + step_size
     return min(1.0, max(0.0, pos_weight))
+
+
+# --- The field's entropy controls, beside the papers' methods -----------------------------
+# Each acts on tokens picked over the whole rollout batch, before micro-batching: picked
+# per micro-batch (as verl and TRL do), the set would change with the micro-batch size.
+#
+# Clip-Cov and KL-Cov (Cui et al., arXiv 2505.22617). To first order, one policy-gradient
+# step changes the entropy by about -eta Cov(log pi(a), A(a)) over the batch's tokens, so
+# the tokens with the largest centred product
+#   cov_t = (A_t - mean A) (log pi_t - mean log pi)
+# are the ones that collapse it. Clip-Cov removes the gradient of a random few of the
+# tokens with lb < cov_t < ub; KL-Cov adds coef |log pi - log pi_old| to the loss of the
+# top-k. Released defaults (verl): ratio 2e-4, lb 1, ub 5; KL-Cov ratio 2e-4, coef 1.
+#
+# Forking tokens (Wang et al., arXiv 2506.01939): keep the loss only on the tokens whose
+# entropy is in the batch's top rho = 20%, the "forks" where the reasoning branches.
+
+
+def token_covariance(logprobs: torch.Tensor, advantages: torch.Tensor,
+                     mask: torch.Tensor) -> torch.Tensor:
+    """cov_t = (A_t - mean A)(log pi_t - mean log pi), the means over the valid tokens of
+    the whole batch: (B, T) x 3 -> (B, T), 0 on padding."""
+    valid = mask > 0
+    a, lp = advantages[valid], logprobs[valid].detach()
+    return torch.where(valid, (advantages - a.mean()) * (logprobs.detach() - lp.mean()), 0.0)
+
+
+def clip_cov_mask(cov: torch.Tensor, mask: torch.Tensor, ratio: float = 2e-4,
+                  low: float = 1.0, high: float = 5.0,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Clip-Cov's tokens: max(1, int(ratio N)) drawn at random among the valid tokens with
+    low < cov < high (fewer if fewer qualify), N the valid tokens: (B, T) -> (B, T) bool.
+    Their loss weight becomes 0 (the gradient is removed)."""
+    candidates = ((cov > low) & (cov < high) & (mask > 0)).flatten().nonzero()[:, 0]
+    n = min(max(1, int(ratio * int((mask > 0).sum()))), len(candidates))
+    chosen = candidates[torch.randperm(len(candidates), generator=generator)[:n]]
+    picked = torch.zeros(cov.numel(), dtype=torch.bool, device=cov.device)
+    picked[chosen] = True
+    return picked.view(cov.shape)
+
+
+def kl_cov_mask(cov: torch.Tensor, mask: torch.Tensor, ratio: float = 2e-4) -> torch.Tensor:
+    """KL-Cov's tokens: the max(1, int(ratio N)) valid tokens of largest cov:
+    (B, T) -> (B, T) bool."""
+    valid = (mask > 0).flatten()
+    k = max(1, int(ratio * int(valid.sum())))
+    scores = cov.flatten().masked_fill(~valid, -torch.inf)
+    picked = torch.zeros_like(valid)
+    picked[scores.topk(min(k, int(valid.sum()))).indices] = True
+    return picked.view(cov.shape)
+
+
+def kl_cov_token_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
+                      advantages: torch.Tensor, picked: torch.Tensor,
+                      coef: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL-Cov's token loss, which replaces the clip: L_t = -ratio_t A_t, plus
+    coef |log pi_t - log pi_old,t| where picked: (B, T) x 4 -> (B, T), ratio (B, T).
+    On-policy (log pi = log pi_old) the penalty and its gradient are 0: KL-Cov acts only
+    on updates after the first (--mini-batches or --updates-per-batch above 1)."""
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    return -ratio * advantages + coef * picked * log_ratio.abs(), ratio
+
+
+def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor,
+                      top_fraction: float = 0.2) -> torch.Tensor:
+    """The forking tokens: valid tokens whose entropy is at least the (1 - top_fraction)
+    quantile (linear interpolation, torch.quantile) of the batch's valid entropies:
+    (B, T) -> (B, T) bool. top_fraction 1 keeps every valid token."""
+    valid = mask > 0
+    if not valid.any():
+        return valid
+    threshold = torch.quantile(entropy[valid].float(), 1.0 - top_fraction)
+    return valid & (entropy >= threshold)
 
 
 # =========================================================================================

@@ -1066,6 +1066,71 @@ def test_posneg_weights_by_hand():
     assert loss.item() == pytest.approx((0.6 + 2.8 - 1.0) / 3)
 
 
+def test_weighted_reinforce_advantages_by_hand():
+    r = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    assert R.weighted_reinforce_advantages(r).tolist() == pytest.approx([0.1, -1.0, 0.1, -1.0])
+    assert R.weighted_reinforce_advantages(r, 1.0, 0.0).tolist() == [1.0, 0.0, 1.0, 0.0]  # PSR
+    assert R.weighted_reinforce_advantages(r, 0.0, 1.0).tolist() == [0.0, -1.0, 0.0, -1.0]  # NSR
+
+
+def naive_covariance(logp, adv, mask):
+    cells = [(i, t) for i in range(mask.shape[0]) for t in range(mask.shape[1]) if mask[i, t] > 0]
+    ma = sum(adv[i, t].item() for i, t in cells) / len(cells)
+    ml = sum(logp[i, t].item() for i, t in cells) / len(cells)
+    return {(i, t): (adv[i, t].item() - ma) * (logp[i, t].item() - ml) for i, t in cells}
+
+
+def test_token_covariance_and_cov_picks_against_naive_loops():
+    """cov over the whole batch's valid tokens; KL-Cov's top-k and Clip-Cov's window, each
+    against a loop over the tokens."""
+    g = torch.Generator().manual_seed(0)
+    mask = (torch.rand(5, 8, generator=g) > 0.25).float()
+    logp, adv = -3 * torch.rand(5, 8, generator=g), torch.randn(5, 1, generator=g).expand(5, 8) * 2
+    cov = R.token_covariance(logp, adv, mask)
+    naive = naive_covariance(logp, adv, mask)
+    assert all(cov[i, t].item() == pytest.approx(v, abs=1e-6) for (i, t), v in naive.items())
+    assert (cov[mask == 0] == 0).all()
+    n = int(mask.sum())
+    top = sorted(naive, key=naive.get, reverse=True)[:max(1, int(0.2 * n))]
+    assert set(map(tuple, R.kl_cov_mask(cov, mask, 0.2).nonzero().tolist())) == set(top)
+    window = {c for c, v in naive.items() if 0.5 < v < 3.0}
+    for seed in range(5):
+        picked = R.clip_cov_mask(cov, mask, 0.1, 0.5, 3.0, torch.Generator().manual_seed(seed))
+        cells = set(map(tuple, picked.nonzero().tolist()))
+        assert cells <= window and len(cells) == min(max(1, int(0.1 * n)), len(window))
+
+
+def test_kl_cov_loss_by_hand_and_silent_on_policy():
+    """L = -ratio A + coef |log ratio| on picked tokens. On policy the penalty's value and
+    gradient are both 0: KL-Cov does nothing to a first, on-policy update."""
+    new, old = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -2.0]])
+    adv, picked = torch.tensor([[2.0, -1.0]]), torch.tensor([[True, True]])
+    loss, ratio = R.kl_cov_token_loss(new, old, adv, picked, 0.5)
+    assert loss.tolist()[0] == pytest.approx([-math.exp(0.5) * 2 + 0.5 * 0.5, 1.0])
+    assert ratio.tolist()[0] == pytest.approx([math.exp(0.5), 1.0])
+    x = old.clone().requires_grad_(True)
+    on, _ = R.kl_cov_token_loss(x, old, adv, picked, 5.0)
+    plain, _ = R.clipped_token_loss(x.detach().requires_grad_(True), old, adv, 0.2, 0.28)
+    assert torch.equal(on, plain)
+    on.sum().backward()
+    assert x.grad.tolist() == (-adv).tolist()  # d(-ratio A)/d log pi = -A at ratio 1; no penalty
+
+
+def test_high_entropy_mask_against_a_sorted_list():
+    """The (1 - rho) quantile with linear interpolation, by a sorted list; rho = 1 keeps
+    every valid token (the neutral setting)."""
+    g = torch.Generator().manual_seed(1)
+    ent, mask = torch.rand(4, 9, generator=g), (torch.rand(4, 9, generator=g) > 0.3).float()
+    vals = sorted(ent[mask > 0].tolist())
+    for rho in (0.2, 0.5, 1.0):
+        pos = (1 - rho) * (len(vals) - 1)
+        lo = int(pos)
+        thr = vals[lo] + (pos - lo) * (vals[min(lo + 1, len(vals) - 1)] - vals[lo])
+        want = (mask > 0) & (ent >= thr - 1e-7)
+        assert torch.equal(R.high_entropy_mask(ent, mask, rho), want), rho
+    assert torch.equal(R.high_entropy_mask(ent, mask, 1.0), mask > 0)
+
+
 def test_lambda_schedules_by_hand():
     steps = 10
     fixed = [R.scheduled_lambda("fixed", k, steps, fixed=0.4) for k in range(steps)]

@@ -212,3 +212,82 @@ def test_the_readme_cpu_command_runs(tmp_path):
                       "--cache-dir", str(tmp_path / "cache")])
     logs = [h for h in trainer.state.log_history if "pos_weight" in h]
     assert trainer.state.global_step == 2 and logs[0]["pos_weight"] == 0.0  # lambda_0 = 0
+
+
+# ----------------------------------------------------------------------------- verl / TRL entropy controls
+
+def cov_batch(seed: int, B: int = 8, T: int = 9, spread: float = 3.0):
+    """Random tokens whose centred products reach verl's Clip-Cov window (1, 5)."""
+    g = torch.Generator().manual_seed(seed)
+    mask = (torch.rand(B, T, generator=g) > 0.15).float()
+    mask[:, 0] = 1.0
+    old = -spread * torch.rand(B, T, generator=g)
+    adv = (torch.randn(B, 1, generator=g) * 1.5).expand(B, T).clone()
+    return mask, old, adv
+
+
+def test_verl_clip_cov_equals_the_file_on_policy():
+    """verl 0.9.1's `clip_cov` loss against clipped_token_loss x (1 - clip_cov_mask), on an
+    on-policy batch (log pi = log pi_old, the first update of every batch here), with the
+    same global RNG state: verl draws its random subset with torch.randperm over the
+    candidates in row-major order, as clip_cov_mask does. Off-policy the two differ on
+    purpose: verl picks per micro-batch, from the current log-probs, among the tokens the
+    clip has not already cut; this file picks once per batch from log pi_old, before any
+    update, so the micro-batch size cannot change the pick."""
+    pytest.importorskip("verl")
+    from omegaconf import OmegaConf
+    from verl.trainer.ppo import core_algos
+
+    mask, old, adv = cov_batch(0)
+    config = OmegaConf.create({"clip_ratio": 0.2, "clip_ratio_low": 0.2, "clip_ratio_high": 0.28,
+                               "clip_ratio_c": 3.0, "global_batch_info": {},
+                               "policy_loss": {"clip_cov_ratio": 0.05, "clip_cov_lb": 1.0,
+                                               "clip_cov_ub": 5.0}})
+    cov = R.token_covariance(old, adv, mask)
+    assert ((cov > 1) & (cov < 5) & (mask > 0)).sum() > int(0.05 * mask.sum())  # the draw matters
+    torch.manual_seed(7)
+    loss, _ = core_algos.get_policy_loss_fn("clip_cov")(old, old.clone(), adv, mask, "token-mean", config)
+    torch.manual_seed(7)
+    picked = R.clip_cov_mask(cov, mask, 0.05, 1.0, 5.0)
+    token_loss, _ = R.clipped_token_loss(old, old, adv, 0.2, 0.28)
+    want = R.aggregate_loss(token_loss * (~picked), mask)
+    assert picked.sum() == int(0.05 * mask.sum())
+    assert loss.item() == pytest.approx(want.item(), abs=1e-6)
+
+
+def test_verl_kl_cov_equals_the_file():
+    """verl 0.9.1's `kl_cov` loss against kl_cov_token_loss on kl_cov_mask's tokens, off
+    policy (the penalty is 0 on policy). verl ranks by the covariance of the current
+    log-probs inside each micro-batch; given the same log-probs the two agree."""
+    pytest.importorskip("verl")
+    from omegaconf import OmegaConf
+    from verl.trainer.ppo import core_algos
+
+    mask, old, adv = cov_batch(1)
+    new = old + 0.3 * (torch.rand(old.shape, generator=torch.Generator().manual_seed(2)) - 0.5)
+    config = OmegaConf.create({"clip_ratio": 0.2, "global_batch_info": {},
+                               "policy_loss": {"kl_cov_ratio": 0.1, "ppo_kl_coef": 0.7}})
+    loss, _ = core_algos.get_policy_loss_fn("kl_cov")(old, new, adv, mask, "token-mean", config)
+    picked = R.kl_cov_mask(R.token_covariance(new, adv, mask), mask, 0.1)
+    token_loss, _ = R.kl_cov_token_loss(new, old, adv, picked, 0.7)
+    assert picked.sum() == int(0.1 * mask.sum())
+    assert loss.item() == pytest.approx(R.aggregate_loss(token_loss, mask).item(), abs=1e-6)
+
+
+def test_trl_entropy_mask_equals_the_file():
+    """TRL 1.16's GRPOTrainer.get_high_entropy_mask (top_entropy_quantile q keeps the tokens
+    at or above the q-quantile) against high_entropy_mask with top_fraction 1 - q, on one
+    process. TRL calls it once per forward, so its threshold follows the micro-batch; this
+    file calls it once per rollout batch."""
+    pytest.importorskip("trl")
+    from types import SimpleNamespace
+
+    from trl import GRPOTrainer
+
+    g = torch.Generator().manual_seed(4)
+    entropy, mask = torch.rand(6, 11, generator=g), (torch.rand(6, 11, generator=g) > 0.3).float()
+    fake = SimpleNamespace(accelerator=SimpleNamespace(pad_across_processes=lambda t, dim, pad_index: t,
+                                                       gather=lambda t: t))
+    for q in (0.0, 0.5, 0.8, 0.95):
+        theirs = GRPOTrainer.get_high_entropy_mask(fake, entropy, mask, q)
+        assert torch.equal(theirs, R.high_entropy_mask(entropy, mask, 1.0 - q)), q
