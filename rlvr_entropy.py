@@ -639,6 +639,15 @@ class StepConfig:
     pos_alpha: float = 0.1
     pos_k: float = 15.0
     neg_weight: float = 1.0
+    advantage_estimator: str = "grpo"  # or "reinforce": W-REINFORCE / PSR / NSR
+    reinforce_pos: float = 0.1
+    reinforce_neg: float = 1.0
+    forking_top: float = 1.0  # 1: every token keeps its loss
+    clip_cov_ratio: float = 0.0  # 0: off
+    clip_cov_low: float = 1.0
+    clip_cov_high: float = 5.0
+    kl_cov_ratio: float = 0.0  # 0: off (and the PPO clip stays)
+    kl_cov_coef: float = 1.0
     clip_low: float = 0.2
     clip_high: float = 0.28
     loss_agg: str = "token-mean"
@@ -679,26 +688,31 @@ def micro_batch_logits(model, rollout: dict, rows: torch.Tensor, micro_batch_siz
 
 @torch.no_grad()
 def old_policy_stats(model, rollout: dict, temperature: float, micro_batch_size: int,
-                     bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                     bf16: bool = False, with_top: bool = False):
     """log pi_old and entropy of every completion token under the sampling policy, no graph:
-    (B, T), (B, T); 0 after each EOS. Uses micro_batch_logits, token_logprobs, token_entropy."""
+    (B, T), (B, T); 0 after each EOS. with_top: also (B, T) bool, whether the sampled token
+    was the policy's most likely one. Uses micro_batch_logits, token_logprobs, token_entropy."""
     comp, mask = rollout["completion_ids"], rollout["completion_mask"]
-    logps = ents = None
+    logps = ents = tops = None
     for idx, n, logits in micro_batch_logits(model, rollout, torch.arange(len(comp), device=comp.device),
                                              micro_batch_size, bf16):
         lp, h = token_logprobs(logits, comp[idx, :n], temperature), token_entropy(logits, temperature)
         if logps is None:
             logps, ents = lp.new_zeros(mask.shape), h.new_zeros(mask.shape)
+            tops = torch.zeros(mask.shape, dtype=torch.bool, device=mask.device)
         logps[idx, :n], ents[idx, :n] = lp, h
-    return logps, ents
+        tops[idx, :n] = logits.argmax(-1) == comp[idx, :n]
+    return (logps, ents, tops) if with_top else (logps, ents)
 
 
 def policy_update(model, optimizer, rollout: dict, old_logp: torch.Tensor, advantages: torch.Tensor,
-                  token_weights: torch.Tensor, cfg: StepConfig, n_passes: int) -> dict:
+                  token_weights: torch.Tensor, cfg: StepConfig, n_passes: int,
+                  kl_picked: torch.Tensor | None = None) -> dict:
     """n_passes (updates_per_batch) passes, each over `mini_batches` random mini-batches;
     one optimizer step per mini-batch, its gradient accumulated over micro-batches with the
     mini-batch's own denominators (aggregate_loss). Forward: micro_batch_logits, then
-    token_logprobs; loss of token t: w_t * L_t, L_t from clipped_token_loss.
+    token_logprobs; loss of token t: w_t * L_t, L_t from clipped_token_loss (or, given
+    KL-Cov's kl_picked tokens, from kl_cov_token_loss, which replaces the clip).
     An update whose loss is not finite is skipped, never written into the weights.
     Returns mean loss, clip fractions and approx KL (clip_stats), grad norms, counts."""
     mask, comp = rollout["completion_mask"], rollout["completion_ids"]
@@ -715,8 +729,12 @@ def policy_update(model, optimizer, rollout: dict, old_logp: torch.Tensor, advan
             for idx, n, logits in micro_batch_logits(model, rollout, mini_batch, cfg.micro_batch_size, cfg.bf16):
                 logp = token_logprobs(logits, comp[idx, :n], cfg.temperature)
                 adv, m = advantages[idx, :n], mask[idx, :n]
-                token_loss, ratio = clipped_token_loss(logp, old_logp[idx, :n], adv,
-                                                       cfg.clip_low, cfg.clip_high)
+                if kl_picked is None:
+                    token_loss, ratio = clipped_token_loss(logp, old_logp[idx, :n], adv,
+                                                           cfg.clip_low, cfg.clip_high)
+                else:
+                    token_loss, ratio = kl_cov_token_loss(logp, old_logp[idx, :n], adv,
+                                                          kl_picked[idx, :n], cfg.kl_cov_coef)
                 loss = aggregate_loss(token_loss * token_weights[idx, :n], m, cfg.loss_agg,
                                       n_tokens, n_seqs)
                 if not torch.isfinite(loss):
@@ -766,11 +784,14 @@ def rl_step(model, tokenizer, optimizer, questions: list[str], golds: list[str],
     rewards = torch.nan_to_num(rewards, nan=0.0, posinf=0.0, neginf=0.0)
     t.append(now())
     # log pi_old, entropy and log-PPL under the sampling policy (section 4)
-    old_logp, entropy = old_policy_stats(model, rollout, cfg.temperature, cfg.micro_batch_size, cfg.bf16)
+    old_logp, entropy, is_top = old_policy_stats(model, rollout, cfg.temperature,
+                                                 cfg.micro_batch_size, cfg.bf16, with_top=True)
     log_ppl = sequence_log_ppl(old_logp, mask)
     t.append(now())
     # advantages (section 5): GRPO's A_i for every token of response i, then [A]'s shaping
     adv_seq, zero_var = grpo_advantages(rewards, G, not cfg.no_std_scaling)
+    if cfg.advantage_estimator == "reinforce":  # no baseline: lambda if right, -1 if wrong
+        adv_seq = weighted_reinforce_advantages(rewards, cfg.reinforce_pos, cfg.reinforce_neg)
     advantages = adv_seq[:, None] * mask
     ppl_weight = torch.ones_like(adv_seq)
     if shaping and cfg.method == "ppl":  # A'_{i,t} = A_{i,t} clamp(1 - alpha z_i, 0.8, 1.2)
@@ -781,15 +802,26 @@ def rl_step(model, tokenizer, optimizer, questions: list[str], golds: list[str],
     token_weights = torch.ones_like(advantages)
     if cfg.method == "posneg":  # [B]: w = lambda where A > 0, neg_weight where A < 0
         token_weights = posneg_token_weights(advantages, pos_weight, cfg.neg_weight)
+    # the field's controls, each picked once over the whole batch (section 6)
+    if cfg.forking_top < 1:  # loss on the batch's top-rho entropy tokens only
+        token_weights = token_weights * high_entropy_mask(entropy, mask, cfg.forking_top)
+    kl_picked = None
+    if cfg.clip_cov_ratio > 0 or cfg.kl_cov_ratio > 0:
+        cov = token_covariance(old_logp, advantages, mask)
+        if cfg.clip_cov_ratio > 0:  # Clip-Cov: a few high-covariance tokens lose their gradient
+            token_weights = token_weights * ~clip_cov_mask(cov, mask, cfg.clip_cov_ratio,
+                                                           cfg.clip_cov_low, cfg.clip_cov_high)
+        if cfg.kl_cov_ratio > 0:  # KL-Cov: the top ones get |log pi - log pi_old| in their loss
+            kl_picked = kl_cov_mask(cov, mask, cfg.kl_cov_ratio)
     # clipped-loss updates (section 6); none at all when a reward was not finite
     update = policy_update(model, optimizer, rollout, old_logp, advantages, token_weights, cfg,
-                           cfg.updates_per_batch if rewards_ok else 0)
+                           cfg.updates_per_batch if rewards_ok else 0, kl_picked)
     update["skipped_updates"] += not rewards_ok
     t.append(now())
     phases = {"rollout": t[1] - t[0], "reward": t[2] - t[1], "old_logp": t[3] - t[2],
               "optimizer": update["optimizer_s"], "loss_backward": t[4] - t[3] - update["optimizer_s"]}
     return {"rollout": rollout, "texts": texts, "rewards": rewards, "rewards_ok": rewards_ok,
-            "old_logp": old_logp, "entropy": entropy, "log_ppl": log_ppl, "zero_var": zero_var,
+            "old_logp": old_logp, "entropy": entropy, "is_top": is_top, "log_ppl": log_ppl, "zero_var": zero_var,
             "advantages": advantages, "ppl_weight": ppl_weight, "token_weights": token_weights,
             "shaping": shaping, "update": update, "phases": phases}
 
@@ -974,10 +1006,13 @@ def train(args: argparse.Namespace, model, tokenizer, train_set: list[dict],
                       shaping_active(args.method, step, state.shape_from, args.shape_until), now)
         movement, tic = None, now()
         if args.token_dynamics_every and step % args.token_dynamics_every == 0:  # [A]: what moved
-            new_logp, _ = old_policy_stats(model, out["rollout"], args.temperature,
-                                           args.micro_batch_size, args.bf16)
+            new_logp, new_entropy = old_policy_stats(model, out["rollout"], args.temperature,
+                                                     args.micro_batch_size, args.bf16)
             movement = token_movement(out["old_logp"], new_logp, out["entropy"],
                                       out["rollout"]["completion_mask"], out["log_ppl"])
+            movement.update(entropy_change_by_quadrant(  # [B]'s sign rule, measured
+                out["entropy"], new_entropy, out["advantages"], out["is_top"],
+                out["rollout"]["completion_mask"]))
         out["phases"]["token_dynamics"] = now() - tic
         scheduler.step()
         state.nonfinite_skips += out["update"]["skipped_updates"]
@@ -1215,6 +1250,34 @@ def token_movement(old_logp: torch.Tensor, new_logp: torch.Tensor, entropy: torc
             "move_by_position": [(d[which == b].sum() / total).item() for b in range(bins)]}
 
 
+QUADRANTS = ("pos_top", "pos_other", "neg_top", "neg_other")
+
+
+def entropy_change_by_quadrant(entropy_old: torch.Tensor, entropy_new: torch.Tensor,
+                               advantages: torch.Tensor, is_top: torch.Tensor,
+                               mask: torch.Tensor) -> dict:
+    """[B]'s sign rule, read off a run. The step's entropy change at each valid token,
+    dH_t = H_new,t - H_old,t, split by the sign of A_t and by whether o_t was pi_old's most
+    likely token: pos_top, pos_other, neg_top, neg_other (tokens with A = 0 in none).
+      dH_share_q = share of valid tokens in quadrant q
+      dH_sum_q   = sum of dH_t over q / number of valid tokens (the four, with the A = 0
+                   tokens, add up to the mean dH)
+    The first-order rule predicts dH < 0 for pos_top and neg_other (mass moves to a likely
+    token, or off an unlikely one) and dH > 0 for pos_other and neg_top. The change at a
+    position comes from the whole update, not from its own token alone: a measurement of
+    where entropy moved, by quadrant, not an attribution. (B, T) x 5 -> dict."""
+    valid = mask > 0
+    n = valid.sum().clamp(min=1)
+    d = torch.where(valid, entropy_new - entropy_old, 0.0)
+    out = {}
+    for name, sign_ok, top in zip(QUADRANTS, (advantages > 0, advantages > 0, advantages < 0,
+                                              advantages < 0), (True, False, True, False)):
+        q = valid & sign_ok & (is_top if top else ~is_top)
+        out[f"dH_share_{name}"] = (q.sum() / n).item()
+        out[f"dH_sum_{name}"] = (d[q].sum() / n).item()
+    return out
+
+
 def format_profile(step: int | str, profile: dict) -> str:
     """One line of --profile output: seconds per phase, tokens/s and peak memory."""
     order = ("eval_s", "rollout_s", "reward_s", "old_logp_s", "loss_backward_s", "optimizer_s",
@@ -1279,7 +1342,9 @@ def metrics_row(step: int, out: dict, accuracy: float | None, sampled_eval: tupl
         "ece": calibration and calibration["ece"],
         "confidence": calibration and calibration["confidence"],
         **{k: movement and movement[k] for k in ("barely_moved", "move_high_entropy",
-                                                  "move_ppl_terciles", "move_by_position")},
+                                                  "move_ppl_terciles", "move_by_position",
+                                                  *(f"dH_{m}_{q}" for m in ("share", "sum")
+                                                    for q in QUADRANTS))},
         "response_len": mask.sum(1).mean().item(),
         "shows_work": shows_work(out["texts"]),
         "truncated_frac": out["rollout"]["truncated"].float().mean().item(),
@@ -2371,6 +2436,24 @@ def build_parser() -> argparse.ArgumentParser:
       "gsm8k 0.2 as in [B], tiny between its negative-only and positive-only entropies)")
     a("--lambda-step", type=float, default=0.05, help="entropy schedule: lambda change per step")
     a("--lambda-epochs", type=int, help="epoch schedule: E (default: passes over the data, >= 2)")
+    a = p.add_argument_group("the field's entropy controls (compose with any --method)").add_argument
+    a("--advantage-estimator", choices=("grpo", "reinforce"), default="grpo", help="grpo: "
+      "group-normalised; reinforce: W-REINFORCE / PSR / NSR (arXiv 2506.01347), no baseline")
+    a("--reinforce-pos", type=float, default=0.1, help="reinforce: A of a correct response "
+      "(lambda; 0.1 is W-REINFORCE, 1 with --reinforce-neg 0 is PSR)")
+    a("--reinforce-neg", type=float, default=1.0, help="reinforce: -A of a wrong response "
+      "(1 with --reinforce-pos 0 is NSR)")
+    a("--forking-top", type=float, default=1.0, help="keep the loss only on the batch's "
+      "top fraction of token entropies (arXiv 2506.01939: 0.2; 1: off)")
+    a("--clip-cov-ratio", type=float, default=0.0, help="Clip-Cov (arXiv 2505.22617): share "
+      "of tokens whose gradient is removed, drawn among covariances in (low, high); "
+      "released 2e-4; 0: off")
+    a("--clip-cov-low", type=float, default=1.0, help="Clip-Cov: lower covariance bound")
+    a("--clip-cov-high", type=float, default=5.0, help="Clip-Cov: upper covariance bound")
+    a("--kl-cov-ratio", type=float, default=0.0, help="KL-Cov (arXiv 2505.22617): share of "
+      "top-covariance tokens given a |log pi - log pi_old| penalty; replaces the PPO clip; "
+      "released 2e-4; 0: off")
+    a("--kl-cov-coef", type=float, default=1.0, help="KL-Cov: the penalty's coefficient")
     a = p.add_argument_group("loss and optimisation").add_argument
     a("--clip-low", type=float, default=0.2, help="PPO clip epsilon_low")
     a("--clip-high", type=float, default=0.28, help="PPO clip epsilon_high (Clip-Higher)")
@@ -2452,7 +2535,9 @@ RUN_SETTINGS = (
     "no_std_scaling", "ppl_alpha", "pos_alpha", "pos_k", "shape_from", "shape_until",
     "stage_window", "stage_frac", "stage_patience", "pos_weight", "neg_weight",
     "lambda_schedule", "entropy_target", "lambda_step", "lambda_epochs", "clip_low",
-    "clip_high", "loss_agg", "updates_per_batch", "mini_batches", "lr", "lr_warmup_steps",
+    "clip_high", "advantage_estimator", "reinforce_pos", "reinforce_neg", "forking_top",
+    "clip_cov_ratio", "clip_cov_low", "clip_cov_high", "kl_cov_ratio", "kl_cov_coef",
+    "loss_agg", "updates_per_batch", "mini_batches", "lr", "lr_warmup_steps",
     "weight_decay", "max_grad_norm", "eval_every", "eval_k", "eval_temperature", "eval_top_p",
     "warmup_steps", "warmup_lr", "warmup_batch_size", "warmup_seed", "warmup_slip",
     "warmup_off_by_one", "warmup_comma")
@@ -2472,6 +2557,9 @@ NUMERIC_FLAGS = [
     ("pos_weight", 0, 1, True), ("neg_weight", 0, None, True),
     ("entropy_target", 0, None, False), ("lambda_step", 0, 1, False),
     ("lambda_epochs", 2, None, True), ("clip_low", 0, 1, True), ("clip_high", 0, None, True),
+    ("reinforce_pos", 0, None, True), ("reinforce_neg", 0, None, True),
+    ("forking_top", 0, 1, False), ("clip_cov_ratio", 0, 1, True), ("clip_cov_low", 0, None, True),
+    ("clip_cov_high", 0, None, False), ("kl_cov_ratio", 0, 1, True), ("kl_cov_coef", 0, None, True),
     ("updates_per_batch", 1, None, True), ("mini_batches", 1, None, True),
     ("micro_batch_size", 0, None, True), ("lr", 0, None, False), ("lr_warmup_steps", 0, None, True),
     ("weight_decay", 0, None, True), ("max_grad_norm", 0, None, False),
@@ -2513,6 +2601,7 @@ def check_args(args: argparse.Namespace) -> None:
         (args.model != "tiny" or args.train_size is None or args.warmup_batch_size <= args.train_size,
          "--warmup-batch-size must not exceed --train-size"),
         (not (args.resume and args.overwrite), "--resume and --overwrite exclude each other"),
+        (args.clip_cov_low < args.clip_cov_high, "--clip-cov-low must be below --clip-cov-high"),
     ]
     for ok, message in checks:
         if not ok:
@@ -2569,6 +2658,12 @@ def run_settings(args: argparse.Namespace) -> dict:
                                  ("lambda_step", schedule == "entropy"),
                                  ("lambda_schedule", schedule is not None),
                                  ("neg_weight", schedule is not None)) if not used}
+    if args.advantage_estimator != "reinforce":
+        unused |= {"reinforce_pos", "reinforce_neg"}
+    if not args.clip_cov_ratio:
+        unused |= {"clip_cov_low", "clip_cov_high"}
+    if not args.kl_cov_ratio:
+        unused.add("kl_cov_coef")
     if args.model != "tiny":
         unused |= {k for k in RUN_SETTINGS if k.startswith("warmup_")}
     settings = {k: getattr(args, k) for k in RUN_SETTINGS if k not in unused}

@@ -1415,6 +1415,24 @@ def test_micro_batched_step_equals_the_full_batch_step(tmp_path, monkeypatch):
     assert (full - micro).abs().max() < 1e-6
 
 
+@pytest.mark.parametrize("control,base", [
+    (["--forking-top", "0.3"], []),
+    (["--clip-cov-ratio", "0.1", "--clip-cov-low", "0", "--clip-cov-high", "100"], []),
+    (["--kl-cov-ratio", "0.1", "--mini-batches", "2"], ["--mini-batches", "2"]),
+    (["--advantage-estimator", "reinforce"], []),
+], ids=["forking", "clip-cov", "kl-cov", "w-reinforce"])
+def test_controls_act_and_pick_the_same_tokens_whatever_the_micro_batch(tmp_path, monkeypatch,
+                                                                        control, base):
+    """Each control changes the step, and gives the same step with micro-batches of 3 rows
+    as with the whole batch at once: its tokens are picked once over the rollout batch
+    (verl and TRL pick per micro-batch). KL-Cov needs an off-policy update to act."""
+    plain = one_step_parameters(tmp_path / "plain", monkeypatch, base)
+    full = one_step_parameters(tmp_path / "full", monkeypatch, [*control, "--micro-batch-size", "0"])
+    micro = one_step_parameters(tmp_path / "micro", monkeypatch, [*control, "--micro-batch-size", "3"])
+    assert (full - micro).abs().max() < 1e-6
+    assert (full - plain).abs().max() > 1e-6
+
+
 def test_gradient_checkpointing_gives_the_same_step(tmp_path, monkeypatch):
     plain = one_step_parameters(tmp_path / "plain", monkeypatch, [])
     ckpt = one_step_parameters(tmp_path / "ckpt", monkeypatch, [], checkpointing=True)
@@ -1739,6 +1757,26 @@ def test_distinct_ngram_ratio_by_hand():
     # two groups of one response: (1,2,1) (2,1,2) -> 2/2; (1,2,3) -> 1/1
     assert R.distinct_ngram_ratio(ids, mask, 1, 3) == pytest.approx(1.0)
     assert R.distinct_ngram_ratio(ids, mask, 1, 1) == pytest.approx((2 / 4 + 3 / 3) / 2)
+
+
+def test_entropy_change_by_quadrant_against_a_loop():
+    g = torch.Generator().manual_seed(2)
+    mask = (torch.rand(4, 6, generator=g) > 0.2).float()
+    h_old, h_new = torch.rand(4, 6, generator=g), torch.rand(4, 6, generator=g)
+    adv = torch.tensor([1.0, -0.5, 0.0, 2.0])[:, None].expand(4, 6) * mask
+    top = torch.rand(4, 6, generator=g) > 0.5
+    got = R.entropy_change_by_quadrant(h_old, h_new, adv, top, mask)
+    cells = [(i, t) for i in range(4) for t in range(6) if mask[i, t] > 0]
+    for name, sign, want_top in (("pos_top", 1, True), ("pos_other", 1, False),
+                                 ("neg_top", -1, True), ("neg_other", -1, False)):
+        q = [(i, t) for i, t in cells if torch.sign(adv[i, t]).item() == sign
+             and bool(top[i, t]) == want_top]
+        assert got[f"dH_share_{name}"] == pytest.approx(len(q) / len(cells))
+        assert got[f"dH_sum_{name}"] == pytest.approx(
+            sum(h_new[i, t].item() - h_old[i, t].item() for i, t in q) / len(cells), abs=1e-6)
+    zero = sum(h_new[i, t].item() - h_old[i, t].item() for i, t in cells if adv[i, t] == 0)
+    mean_change = sum(h_new[i, t].item() - h_old[i, t].item() for i, t in cells) / len(cells)
+    assert sum(got[f"dH_sum_{q}"] for q in R.QUADRANTS) + zero / len(cells) == pytest.approx(mean_change, abs=1e-6)
 
 
 def test_expected_calibration_error_by_hand():
