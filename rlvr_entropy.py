@@ -765,8 +765,9 @@ def rl_step(model, tokenizer, optimizer, questions: list[str], golds: list[str],
     """One step of RL on len(questions) prompts x G responses (B rows). `pos_weight` is
     lambda of [B] (posneg); `shaping` turns on [A]'s ppl / position shaping this step.
     In order: sample_responses, reward_fn, old_policy_stats and sequence_log_ppl,
-    grpo_advantages shaped by ppl_weights or position_shaped_advantages,
-    posneg_token_weights, policy_update. Returns the step's tensors (rollout, rewards (B,),
+    grpo_advantages (or weighted_reinforce_advantages) shaped by ppl_weights or
+    position_shaped_advantages, posneg_token_weights, the controls' picks
+    (high_entropy_mask, token_covariance, clip_cov_mask, kl_cov_mask), policy_update. Returns the step's tensors (rollout, rewards (B,),
     old_logp, entropy (B, T), log_ppl (B,), advantages (B, T), ...), the policy_update
     stats, and seconds per phase."""
     device, G = next(model.parameters()).device, cfg.group_size
@@ -1259,8 +1260,8 @@ def entropy_change_by_quadrant(entropy_old: torch.Tensor, entropy_new: torch.Ten
     """[B]'s sign rule, read off a run. The step's entropy change at each valid token,
     dH_t = H_new,t - H_old,t, split by the sign of A_t and by whether o_t was pi_old's most
     likely token: pos_top, pos_other, neg_top, neg_other (tokens with A = 0 in none).
-      dH_share_q = share of valid tokens in quadrant q
-      dH_sum_q   = sum of dH_t over q / number of valid tokens (the four, with the A = 0
+      dh_share_q = share of valid tokens in quadrant q
+      dh_sum_q   = sum of dH_t over q / number of valid tokens (the four, with the A = 0
                    tokens, add up to the mean dH)
     The first-order rule predicts dH < 0 for pos_top and neg_other (mass moves to a likely
     token, or off an unlikely one) and dH > 0 for pos_other and neg_top. The change at a
@@ -1273,8 +1274,8 @@ def entropy_change_by_quadrant(entropy_old: torch.Tensor, entropy_new: torch.Ten
     for name, sign_ok, top in zip(QUADRANTS, (advantages > 0, advantages > 0, advantages < 0,
                                               advantages < 0), (True, False, True, False)):
         q = valid & sign_ok & (is_top if top else ~is_top)
-        out[f"dH_share_{name}"] = (q.sum() / n).item()
-        out[f"dH_sum_{name}"] = (d[q].sum() / n).item()
+        out[f"dh_share_{name}"] = (q.sum() / n).item()
+        out[f"dh_sum_{name}"] = (d[q].sum() / n).item()
     return out
 
 
@@ -1343,7 +1344,7 @@ def metrics_row(step: int, out: dict, accuracy: float | None, sampled_eval: tupl
         "confidence": calibration and calibration["confidence"],
         **{k: movement and movement[k] for k in ("barely_moved", "move_high_entropy",
                                                   "move_ppl_terciles", "move_by_position",
-                                                  *(f"dH_{m}_{q}" for m in ("share", "sum")
+                                                  *(f"dh_{m}_{q}" for m in ("share", "sum")
                                                     for q in QUADRANTS))},
         "response_len": mask.sum(1).mean().item(),
         "shows_work": shows_work(out["texts"]),

@@ -1557,7 +1557,8 @@ def test_sampled_eval_leaves_the_training_rng_alone(tiny):
 def test_token_dynamics_change_no_other_field(tmp_path, warm_cache):
     """The token-dynamics pass is a no-grad forward that draws no random number: a run with
     it every step and a run without it log the same rows, the movement fields aside."""
-    movement = {"barely_moved", "move_high_entropy", "move_ppl_terciles", "move_by_position"}
+    movement = {"barely_moved", "move_high_entropy", "move_ppl_terciles", "move_by_position",
+                *(f"dh_{m}_{q}" for m in ("share", "sum") for q in R.QUADRANTS)}
 
     def rows(every: str) -> list[dict]:
         out = tmp_path / every
@@ -1771,12 +1772,12 @@ def test_entropy_change_by_quadrant_against_a_loop():
                                  ("neg_top", -1, True), ("neg_other", -1, False)):
         q = [(i, t) for i, t in cells if torch.sign(adv[i, t]).item() == sign
              and bool(top[i, t]) == want_top]
-        assert got[f"dH_share_{name}"] == pytest.approx(len(q) / len(cells))
-        assert got[f"dH_sum_{name}"] == pytest.approx(
+        assert got[f"dh_share_{name}"] == pytest.approx(len(q) / len(cells))
+        assert got[f"dh_sum_{name}"] == pytest.approx(
             sum(h_new[i, t].item() - h_old[i, t].item() for i, t in q) / len(cells), abs=1e-6)
     zero = sum(h_new[i, t].item() - h_old[i, t].item() for i, t in cells if adv[i, t] == 0)
     mean_change = sum(h_new[i, t].item() - h_old[i, t].item() for i, t in cells) / len(cells)
-    assert sum(got[f"dH_sum_{q}"] for q in R.QUADRANTS) + zero / len(cells) == pytest.approx(mean_change, abs=1e-6)
+    assert sum(got[f"dh_sum_{q}"] for q in R.QUADRANTS) + zero / len(cells) == pytest.approx(mean_change, abs=1e-6)
 
 
 def test_expected_calibration_error_by_hand():
