@@ -40,6 +40,7 @@ import math
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import time
@@ -552,7 +553,8 @@ def entropy_guided_lambda(pos_weight: float, entropy: float, target: float = 0.2
 #   cov_t = (A_t - mean A) (log pi_t - mean log pi)
 # are the ones that collapse it. Clip-Cov removes the gradient of a random few of the
 # tokens with lb < cov_t < ub; KL-Cov adds coef |log pi - log pi_old| to the loss of the
-# top-k. Released defaults (verl): ratio 2e-4, lb 1, ub 5; KL-Cov ratio 2e-4, coef 1.
+# top-k. verl 0.9.1's config: ratio 2e-4, lb 1, ub 5; KL-Cov ratio 2e-4, coef 0.1 (its
+# KL-Cov recipes: 1). 2e-4 of the tiny preset's 8,000 tokens is one: it uses 5e-3 and 1e-2.
 #
 # Forking tokens (Wang et al., arXiv 2506.01939): keep the loss only on the tokens whose
 # entropy is in the batch's top rho = 20%, the "forks" where the reasoning branches.
@@ -616,6 +618,28 @@ def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor,
     return valid & (entropy >= threshold)
 
 
+# Entropy bonus: loss -= alpha * H, H the token-mean entropy of the current policy, with
+# its gradient (TRL's entropy_coef, verl's entropy_coeff). Adaptive alpha, Skywork-OR1 (He et
+# al., arXiv 2505.22312): raise it while entropy is under a target, lower it above, and switch
+# the bonus off above. Released: target 0.2, delta 1e-4, alpha in [0, 0.005], alpha_0 = 0.
+
+
+def trainable_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """H_t = -sum_v p_v log p_v with its graph, for the bonus: (B, T, V) -> (B, T). Unlike
+    token_entropy (measured, no graph, chunked), the whole log-softmax is kept for backward."""
+    logp = torch.log_softmax(_scaled(logits, temperature), -1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def adaptive_entropy_coef(coef: float, entropy: float, target: float = 0.2,
+                          delta: float = 1e-4, max_coef: float = 0.005) -> tuple[float, float]:
+    """Skywork-OR1's controller, run after step k with its batch entropy e_k:
+    c_{k+1} = clip(c_k + delta if e_k < target else c_k - delta, 0, max_coef), and step
+    k+1's bonus is alpha = c_{k+1} if e_k < target, else 0. Returns (c_{k+1}, alpha)."""
+    coef = min(max_coef, max(0.0, coef + delta if entropy < target else coef - delta))
+    return coef, (coef if entropy < target else 0.0)
+
+
 # =========================================================================================
 # 7. One RL step: the algorithm, top to bottom
 # rl_step() is GRPO with the shaping of [A] and the token weights of [B], and nothing else:
@@ -643,10 +667,12 @@ class StepConfig:
     reinforce_pos: float = 0.1
     reinforce_neg: float = 1.0
     forking_top: float = 1.0  # 1: every token keeps its loss
-    clip_cov_ratio: float = 0.0  # 0: off
+    clip_cov: bool = False
+    clip_cov_ratio: float = 2e-4
     clip_cov_low: float = 1.0
     clip_cov_high: float = 5.0
-    kl_cov_ratio: float = 0.0  # 0: off (and the PPO clip stays)
+    kl_cov: bool = False  # replaces the PPO clip
+    kl_cov_ratio: float = 2e-4
     kl_cov_coef: float = 1.0
     clip_low: float = 0.2
     clip_high: float = 0.28
@@ -707,13 +733,13 @@ def old_policy_stats(model, rollout: dict, temperature: float, micro_batch_size:
 
 def policy_update(model, optimizer, rollout: dict, old_logp: torch.Tensor, advantages: torch.Tensor,
                   token_weights: torch.Tensor, cfg: StepConfig, n_passes: int,
-                  kl_picked: torch.Tensor | None = None) -> dict:
+                  kl_picked: torch.Tensor | None = None, entropy_coef: float = 0.0) -> dict:
     """n_passes (updates_per_batch) passes, each over `mini_batches` random mini-batches;
     one optimizer step per mini-batch, its gradient accumulated over micro-batches with the
     mini-batch's own denominators (aggregate_loss). Forward: micro_batch_logits, then
     token_logprobs; loss of token t: w_t * L_t, L_t from clipped_token_loss (or, given
-    KL-Cov's kl_picked tokens, from kl_cov_token_loss, which replaces the clip).
-    An update whose loss is not finite is skipped, never written into the weights.
+    KL-Cov's kl_picked tokens, from kl_cov_token_loss, which replaces the clip), minus
+    entropy_coef times the trainable_entropy aggregated the same way (the bonus). An update whose loss is not finite is skipped, never written into the weights.
     Returns mean loss, clip fractions and approx KL (clip_stats), grad norms, counts."""
     mask, comp = rollout["completion_mask"], rollout["completion_ids"]
     B = mask.shape[0]
@@ -737,6 +763,9 @@ def policy_update(model, optimizer, rollout: dict, old_logp: torch.Tensor, advan
                                                           kl_picked[idx, :n], cfg.kl_cov_coef)
                 loss = aggregate_loss(token_loss * token_weights[idx, :n], m, cfg.loss_agg,
                                       n_tokens, n_seqs)
+                if entropy_coef:  # the bonus pushes every token's entropy up
+                    loss = loss - entropy_coef * aggregate_loss(
+                        trainable_entropy(logits, cfg.temperature), m, cfg.loss_agg, n_tokens, n_seqs)
                 if not torch.isfinite(loss):
                     finite = False
                     break
@@ -761,15 +790,15 @@ def policy_update(model, optimizer, rollout: dict, old_logp: torch.Tensor, advan
 
 def rl_step(model, tokenizer, optimizer, questions: list[str], golds: list[str], cfg: StepConfig,
             reward_fn=math_reward, eos_ids: list[int] | None = None, pos_weight: float = 1.0,
-            shaping: bool = False, now=time.perf_counter) -> dict:
+            shaping: bool = False, now=time.perf_counter, entropy_coef: float = 0.0) -> dict:
     """One step of RL on len(questions) prompts x G responses (B rows). `pos_weight` is
-    lambda of [B] (posneg); `shaping` turns on [A]'s ppl / position shaping this step.
-    In order: sample_responses, reward_fn, old_policy_stats and sequence_log_ppl,
-    grpo_advantages (or weighted_reinforce_advantages) shaped by ppl_weights or
-    position_shaped_advantages, posneg_token_weights, the controls' picks
-    (high_entropy_mask, token_covariance, clip_cov_mask, kl_cov_mask), policy_update. Returns the step's tensors (rollout, rewards (B,),
-    old_logp, entropy (B, T), log_ppl (B,), advantages (B, T), ...), the policy_update
-    stats, and seconds per phase."""
+    lambda of [B] (posneg); `shaping` turns on [A]'s ppl / position shaping this step;
+    `entropy_coef` is the entropy bonus alpha. In order: sample_responses, reward_fn,
+    old_policy_stats and sequence_log_ppl, grpo_advantages (or weighted_reinforce_advantages)
+    shaped by ppl_weights or position_shaped_advantages, posneg_token_weights, the controls'
+    picks (high_entropy_mask, token_covariance, clip_cov_mask, kl_cov_mask), policy_update.
+    Returns the step's tensors (rollout, rewards (B,), old_logp, entropy (B, T), log_ppl
+    (B,), advantages (B, T), ...), the policy_update stats, and seconds per phase."""
     device, G = next(model.parameters()).device, cfg.group_size
     t = [now()]
     # rollouts (section 3): G samples per prompt from pi_old, rows g*G .. g*G+G-1
@@ -804,19 +833,21 @@ def rl_step(model, tokenizer, optimizer, questions: list[str], golds: list[str],
     if cfg.method == "posneg":  # [B]: w = lambda where A > 0, neg_weight where A < 0
         token_weights = posneg_token_weights(advantages, pos_weight, cfg.neg_weight)
     # the field's controls, each picked once over the whole batch (section 6)
+    picked, kl_picked = {}, None  # the tokens each control acts on, for the metrics row
     if cfg.forking_top < 1:  # loss on the batch's top-rho entropy tokens only
-        token_weights = token_weights * high_entropy_mask(entropy, mask, cfg.forking_top)
-    kl_picked = None
-    if cfg.clip_cov_ratio > 0 or cfg.kl_cov_ratio > 0:
+        picked["forking"] = high_entropy_mask(entropy, mask, cfg.forking_top)
+        token_weights = token_weights * picked["forking"]
+    if cfg.clip_cov or cfg.kl_cov:
         cov = token_covariance(old_logp, advantages, mask)
-        if cfg.clip_cov_ratio > 0:  # Clip-Cov: a few high-covariance tokens lose their gradient
-            token_weights = token_weights * ~clip_cov_mask(cov, mask, cfg.clip_cov_ratio,
-                                                           cfg.clip_cov_low, cfg.clip_cov_high)
-        if cfg.kl_cov_ratio > 0:  # KL-Cov: the top ones get |log pi - log pi_old| in their loss
-            kl_picked = kl_cov_mask(cov, mask, cfg.kl_cov_ratio)
+        if cfg.clip_cov:  # Clip-Cov: a few high-covariance tokens lose their gradient
+            picked["clip_cov"] = clip_cov_mask(cov, mask, cfg.clip_cov_ratio, cfg.clip_cov_low,
+                                               cfg.clip_cov_high)
+            token_weights = token_weights * ~picked["clip_cov"]
+        if cfg.kl_cov:  # KL-Cov: the top ones get |log pi - log pi_old| in their loss
+            kl_picked = picked["kl_cov"] = kl_cov_mask(cov, mask, cfg.kl_cov_ratio)
     # clipped-loss updates (section 6); none at all when a reward was not finite
     update = policy_update(model, optimizer, rollout, old_logp, advantages, token_weights, cfg,
-                           cfg.updates_per_batch if rewards_ok else 0, kl_picked)
+                           cfg.updates_per_batch if rewards_ok else 0, kl_picked, entropy_coef)
     update["skipped_updates"] += not rewards_ok
     t.append(now())
     phases = {"rollout": t[1] - t[0], "reward": t[2] - t[1], "old_logp": t[3] - t[2],
@@ -824,7 +855,7 @@ def rl_step(model, tokenizer, optimizer, questions: list[str], golds: list[str],
     return {"rollout": rollout, "texts": texts, "rewards": rewards, "rewards_ok": rewards_ok,
             "old_logp": old_logp, "entropy": entropy, "is_top": is_top, "log_ppl": log_ppl, "zero_var": zero_var,
             "advantages": advantages, "ppl_weight": ppl_weight, "token_weights": token_weights,
-            "shaping": shaping, "update": update, "phases": phases}
+            "picked": picked, "shaping": shaping, "update": update, "phases": phases}
 
 
 # =========================================================================================
@@ -926,6 +957,8 @@ class LoopState:
     accuracy: float | None = None   # the latest greedy held-out accuracy
     shape_from: int = 0             # first step of [A]'s shaping (moves to the plateau, if asked)
     stage_step: int | None = None   # the detected start of the plateau stage, once found
+    entropy_coef: float = 0.0       # c of the adaptive entropy bonus (Skywork-OR1)
+    entropy_bonus: float = 0.0      # alpha, the bonus of the next step
 
 
 def set_seed(seed: int) -> None:
@@ -966,7 +999,8 @@ def train(args: argparse.Namespace, model, tokenizer, train_set: list[dict],
     order_rng = random.Random(args.seed)  # data order: reshuffled each epoch over the train set
     plateau = args.shape_from == "plateau"  # shaping waits for the detected plateau
     state = LoopState(pos_weight=0.0 if args.lambda_schedule == "entropy" else args.pos_weight,
-                      shape_from=args.steps if plateau else args.shape_from)  # lambda_0 = 0 in [B]
+                      shape_from=args.steps if plateau else args.shape_from,  # lambda_0 = 0 in [B]
+                      entropy_coef=args.entropy_coef, entropy_bonus=args.entropy_coef)
     metrics_path, history, start = out_dir / "metrics.jsonl", [], time.time()
     if resume is None:
         metrics_path.write_text("")
@@ -1004,7 +1038,8 @@ def train(args: argparse.Namespace, model, tokenizer, train_set: list[dict],
                                                 args.pos_weight, args.lambda_epochs)
         out = rl_step(model, tokenizer, optimizer, [p["question"] for p in batch],
                       [p["answer"] for p in batch], cfg, reward_fn, eos_ids, state.pos_weight,
-                      shaping_active(args.method, step, state.shape_from, args.shape_until), now)
+                      shaping_active(args.method, step, state.shape_from, args.shape_until), now,
+                      state.entropy_bonus)
         movement, tic = None, now()
         if args.token_dynamics_every and step % args.token_dynamics_every == 0:  # [A]: what moved
             new_logp, new_entropy = old_policy_stats(model, out["rollout"], args.temperature,
@@ -1034,6 +1069,7 @@ def train(args: argparse.Namespace, model, tokenizer, train_set: list[dict],
                 tqdm.write(f"plateau detected at step {step} (transition ~step "
                            f"{state.stage_step}); shaping from step {step + 1}")
         row["stage"] = "rising" if state.stage_step is None else "plateau"
+        row["entropy_coef"] = state.entropy_bonus  # the bonus alpha this step trained with
         with metrics_path.open("a") as f:  # the row is on disk before the next step starts
             f.write(json.dumps(row) + "\n")
         history.append(row)
@@ -1045,6 +1081,10 @@ def train(args: argparse.Namespace, model, tokenizer, train_set: list[dict],
         if args.method == "posneg" and args.lambda_schedule == "entropy":
             state.pos_weight = entropy_guided_lambda(state.pos_weight, row["entropy"],
                                                      args.entropy_target, args.lambda_step)
+        if args.adaptive_entropy:
+            state.entropy_coef, state.entropy_bonus = adaptive_entropy_coef(
+                state.entropy_coef, row["entropy"], args.entropy_coef_target,
+                args.entropy_coef_delta, args.entropy_coef_max)
         state.step = step + 1
         if stop["signum"] is not None or (args.save_every and state.step % args.save_every == 0):
             save_checkpoint(out_dir, model, tokenizer,
@@ -1355,6 +1395,8 @@ def metrics_row(step: int, out: dict, accuracy: float | None, sampled_eval: tupl
         "ppl_weight_max": out["ppl_weight"].max().item(),
         "adv_abs_mean": masked_mean(out["advantages"].abs(), mask),
         "pos_weight": pos_weight,
+        **{f"{c}_frac": (out["picked"][c].sum() / mask.sum().clamp(min=1)).item()
+           if c in out["picked"] else None for c in ("forking", "clip_cov", "kl_cov")},
         "cov_logp_adv": logp_adv_covariance(out["old_logp"], out["advantages"] * out["token_weights"], mask),
         **{k: update[k] for k in ("loss", "clip_frac_low", "clip_frac_high", "approx_kl", "grad_norm")},
         "lr": lr,
@@ -1390,6 +1432,7 @@ def run_summary(args: argparse.Namespace, history: list[dict], final: dict,
         "entropy_first10": mean_of("entropy", history[:10]),
         "entropy_last10": mean_of("entropy", history[-10:]),
         "final_entropy": mean_of("entropy", history[-20:]),  # the last 20 steps, as in [B]'s tables
+        "final_distinct_answers": mean_of("distinct_answers", history[-20:]),
         "stage_step": stage_step, "nonfinite_skips": nonfinite_skips, "train_time": train_time,
         "profile": {**{key: mean_of(key, [r["profile"] for r in history])
                        for key in history[-1]["profile"] if key != "peak_mem_mb"},
@@ -1972,6 +2015,8 @@ def restore_training(resume: dict, state, optimizer, scheduler, order_rng: rando
     state.step, state.order = resume["step"], resume["order"]
     state.nonfinite_skips, state.accuracy = resume["nonfinite_skips"], resume["accuracy"]
     state.pos_weight = resume["pos_weight"] if "pos_weight" in resume else resume["lam"]  # older name
+    state.entropy_coef = resume.get("entropy_coef", state.entropy_coef)
+    state.entropy_bonus = resume.get("entropy_bonus", state.entropy_bonus)
     history = truncate_metrics(metrics_path, state.step)
     set_rng_state(resume["rng"])  # last: nothing above draws from an RNG
     return history, time.time() - resume["elapsed"]
@@ -2029,9 +2074,11 @@ def save_figure(fig, out_path: Path) -> Path:
     return out_path
 
 
-def plot_runs(run_dirs: list[Path], out_path: Path, smooth: int = 5) -> Path:
+def plot_runs(run_dirs: list[Path], out_path: Path, smooth: int = 5,
+              labels: dict | None = None) -> Path:
     """Draw reward/accuracy, entropy, positive vs negative entropy and the position profile
-    of each run, one colour per method, a dotted line at each run's stage transition."""
+    of each run, one colour per method (or per labels[str(run_dir)]), a dotted line at each
+    run's stage transition."""
     try:
         import matplotlib
     except ImportError:
@@ -2040,12 +2087,14 @@ def plot_runs(run_dirs: list[Path], out_path: Path, smooth: int = 5) -> Path:
     import matplotlib.pyplot as plt
 
     runs = [read_run(Path(d)) for d in run_dirs]
-    methods = list(dict.fromkeys(r["args"].get("method", "?") for r in runs))
-    colour = {m: f"C{i}" for i, m in enumerate(methods)}
-    fig, ax = plt.subplots(3, 3, figsize=(18, 12.5))
+    for run in runs:
+        run["label"] = (labels or {}).get(str(run["dir"])) or run["args"].get("method", "?")
+    methods = list(dict.fromkeys(r["label"] for r in runs))
+    colour = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    fig, ax = plt.subplots(3, 4, figsize=(24, 12.5))
     labelled = set()
     for run in runs:
-        rows, method = run["rows"], run["args"].get("method", "?")
+        rows, method = run["rows"], run["label"]
         c = colour[method]
         label = method if method not in labelled else None
         labelled.add(method)
@@ -2081,6 +2130,8 @@ def plot_runs(run_dirs: list[Path], out_path: Path, smooth: int = 5) -> Path:
                           label=label and f"{label}: {name} ({'first' if name == 'early' else 'last'}"
                                           f" {n} steps)")
         plot_analysis_panels(ax, run, c, label, smooth)
+        ax[2, 3].plot(steps, [r.get("entropy_coef") or 0.0 for r in rows], c=c, lw=1, label=label)
+    plot_sign_rule_panels(ax[0, 3], ax[1, 3], runs, colour)
     titles = {(0, 0): (f"reward ({smooth}-step mean) and held-out accuracy; dotted: plateau starts", "step"),
               (0, 1): (f"token entropy ({smooth}-step mean); shaded: shaping window", "step"),
               (1, 0): ("entropy of positive vs negative responses", "step"),
@@ -2091,7 +2142,12 @@ def plot_runs(run_dirs: list[Path], out_path: Path, smooth: int = 5) -> Path:
               (2, 1): ("token movement [A]: barely moved (solid), top-20% entropy (dashed), low-PPL third (dotted)",
                        "step"),
               (2, 2): ("share of the movement by relative position (mean over logged steps)",
-                       "position (% of response)")}
+                       "position (% of response)"),
+              (0, 3): ("sign rule [B]: an update's entropy change, summed by quadrant (mean over logged steps)",
+                       "sign of A, and whether o_t was pi_old's top token"),
+              (1, 3): ("share of tokens by quadrant (mean over logged steps)",
+                       "sign of A, and whether o_t was pi_old's top token"),
+              (2, 3): ("entropy bonus alpha (--entropy-coef)", "step")}
     for (i, j), (title, xlabel) in titles.items():
         a = ax[i, j]
         a.set_title(title, fontsize=10)
@@ -2099,6 +2155,25 @@ def plot_runs(run_dirs: list[Path], out_path: Path, smooth: int = 5) -> Path:
         a.grid(alpha=0.3)
         a.legend(fontsize=7)
     return save_figure(fig, out_path)
+
+
+def plot_sign_rule_panels(ax_sum, ax_share, runs: list[dict], colour: dict) -> None:
+    """Bars of dh_sum_* and dh_share_* (entropy_change_by_quadrant), each the mean over a
+    label's runs and their logged steps: one group of bars per quadrant, one bar per label."""
+    labels = list(colour)
+    width = 0.8 / max(1, len(labels))
+    for i, label in enumerate(labels):
+        rows = [r for run in runs if run["label"] == label for r in run["rows"]
+                if r.get("dh_sum_pos_top") is not None]
+        if not rows:
+            continue
+        x = [q + (i - (len(labels) - 1) / 2) * width for q in range(len(QUADRANTS))]
+        for a, kind in ((ax_sum, "sum"), (ax_share, "share")):
+            a.bar(x, [sum(r[f"dh_{kind}_{q}"] for r in rows) / len(rows) for q in QUADRANTS],
+                  width, color=colour[label], label=label)
+    for a in (ax_sum, ax_share):
+        a.set_xticks(range(len(QUADRANTS)), ["A>0, top", "A>0, other", "A<0, top", "A<0, other"])
+    ax_sum.axhline(0, c="k", lw=0.5)
 
 
 def plot_analysis_panels(ax, run: dict, c: str, label: str | None, smooth: int) -> None:
@@ -2140,20 +2215,26 @@ def mean_std(values: list[float | None], digits: int = 3) -> str:
 
 
 def compare_table(runs: list[dict], wall: dict) -> str:
-    """Markdown table, one line per method: mean ± std over its runs (seeds)."""
+    """Markdown table, one line per variant (a run's "variant", else its method): mean ±
+    sample std over its runs (seeds)."""
     k = next((r["summary"]["eval_k"] for r in runs if r["summary"]), 0)
-    header = (f"| method | runs | final greedy acc | avg@{k} | pass@{k} | final entropy "
-              "(last 20 steps) | plateau step | wall time (s) |")
-    lines = [header, "|" + "---|" * 8]
-    for method in dict.fromkeys(r["args"]["method"] for r in runs):
-        done = [r for r in runs if r["args"]["method"] == method and r["summary"]]
-        get = [[r["summary"][key] for r in done] for key in
-               ("final_accuracy", "final_avg_at_k", "final_pass_at_k", "final_entropy")]
+    header = (f"| variant | runs | final greedy acc | avg@{k} | pass@{k} | final entropy "
+              "(last 20 steps) | distinct answers per group (last 20 steps) | final ECE "
+              "| plateau step | wall time (s) |")
+    lines = [header, "|" + "---|" * 10]
+    def name(run: dict) -> str:
+        return run.get("variant") or run["args"]["method"]
+
+    for variant in dict.fromkeys(map(name, runs)):
+        done = [r for r in runs if name(r) == variant and r["summary"]]
+        get = [[r["summary"].get(key) for r in done] for key in
+               ("final_accuracy", "final_avg_at_k", "final_pass_at_k", "final_entropy",
+                "final_distinct_answers", "final_ece")]
         stages = [r["stage_step"] for r in done if r["stage_step"] is not None]
         stage = "none" if not stages else mean_std(stages, 1) + (
             f" ({len(stages)} of {len(done)} runs)" if len(stages) < len(done) else "")
         secs = mean_std([wall[str(r["dir"])] for r in done], 0)
-        lines.append(f"| {method} | {len(done)} | " + " | ".join(mean_std(v) for v in get)
+        lines.append(f"| {variant} | {len(done)} | " + " | ".join(mean_std(v) for v in get)
                      + f" | {stage} | {secs} |")
     return "\n".join(lines) + "\n"
 
@@ -2189,7 +2270,12 @@ def compare(argv: list[str]) -> str:
         prog="rlvr_entropy.py compare", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Run several methods on the same seeds and table them. Any other flag "
                     "(e.g. --preset, --steps) is passed to every training run.")
-    p.add_argument("--methods", default="grpo,ppl,position", help="comma-separated methods")
+    p.add_argument("--methods", help="comma-separated methods (default: grpo,ppl,position, "
+                   "or none when --variant is given)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
+                   help="a named row with its own training flags, after the shared ones, e.g. "
+                        "'nsr=--method posneg --pos-weight 0' or 'clip-cov=--clip-cov-ratio "
+                        "0.01'; repeat for more; without --method a variant is grpo")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 for every method")
     p.add_argument("--out-dir", default="runs/compare", help="one sub-folder per run, plus "
                    "compare.md and compare.png")
@@ -2201,34 +2287,45 @@ def compare(argv: list[str]) -> str:
                         "reused, so --seeds 5 after --seeds 3 trains only seeds 3 and 4")
     opts, train_flags = p.parse_known_args(argv)
     start = time.time()  # the whole command, warm-up included
-    methods = [m.strip() for m in opts.methods.split(",") if m.strip()]
+    methods_arg = opts.methods if opts.methods is not None else "" if opts.variant else "grpo,ppl,position"
+    methods = [m.strip() for m in methods_arg.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
-    if bad or not methods:
+    if bad or not (methods or opts.variant):
         raise SystemExit(f"error: --methods: unknown {bad or 'empty'}; choose from {', '.join(METHODS)}")
+    variants = {m: ["--method", m] for m in methods}  # name -> its own flags
+    for spec in opts.variant:
+        vname, eq, vflags = spec.partition("=")
+        if not eq or not re.fullmatch(r"[A-Za-z0-9_.+-]+", vname.strip()) or vname.strip() in variants:
+            raise SystemExit(f"error: --variant {spec!r}: want NAME=FLAGS, NAME unique and made of "
+                             "letters, digits and _.+-")
+        variants[vname.strip()] = shlex.split(vflags)
     if opts.seeds < 1 or opts.jobs < 1:
         raise SystemExit("error: --seeds and --jobs must be at least 1")
-    blocked = ({"--method", "--seed", "--out-dir", "--resume", "--overwrite"}
-               & {f.split("=")[0] for f in train_flags})
+    own = {"--seed", "--out-dir", "--resume", "--overwrite"}
+    blocked = ((own | {"--method"}) & {f.split("=")[0] for f in train_flags}
+               | own & {f.split("=")[0] for flags in variants.values() for f in flags})
     if blocked:
         raise SystemExit(f"error: compare sets {', '.join(sorted(blocked))} itself")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    args = parse_args(train_flags)  # validate the shared flags once, before any run starts
+    args = parse_args(train_flags)  # validate every run's flags before any run starts
     check_args(args)
+    for flags in variants.values():
+        check_args(parse_args([*train_flags, *flags]))
     out_root = Path(opts.out_dir)
     check_out_dir(out_root, resume=False, overwrite=True)  # a file, or not writable
     todo, wall = [], {}
-    for method, seed in [(m, s) for m in methods for s in range(opts.seeds)]:
-        run_dir = out_root / f"{method}-seed{seed}"
-        state = compare_run_state(run_dir, parse_args(["--preset", args.preset, "--method", method,
-                                                       "--seed", str(seed), "--out-dir",
-                                                       str(run_dir), *train_flags]))
+    for vname, seed in [(v, s) for v in variants for s in range(opts.seeds)]:
+        run_dir = out_root / f"{vname}-seed{seed}"
+        state = compare_run_state(run_dir, parse_args(["--preset", args.preset, "--seed", str(seed),
+                                                       "--out-dir", str(run_dir), *train_flags,
+                                                       *variants[vname]]))
         if state == "done" and not opts.overwrite:
             wall[str(run_dir)] = json.loads((run_dir / "summary.json").read_text()).get(
                 "wall_time", float("nan"))
         elif state in ("empty", "done") or opts.overwrite:
-            todo.append((method, seed))
+            todo.append((vname, seed))
         else:  # refuse before any run starts, so nothing is lost and no time is spent
             raise SystemExit(f"error: {run_dir} holds {state}; pass --overwrite to redo it, "
                              "or choose another --out-dir")
@@ -2246,12 +2343,12 @@ def compare(argv: list[str]) -> str:
     bar = tqdm(total=len(todo), desc="compare", dynamic_ncols=True)
     while todo or running:
         while todo and len(running) < opts.jobs:
-            method, seed = todo.pop(0)
-            run_dir = out_root / f"{method}-seed{seed}"
+            vname, seed = todo.pop(0)
+            run_dir = out_root / f"{vname}-seed{seed}"
             run_dir.mkdir(parents=True, exist_ok=True)
-            cmd = [sys.executable, os.path.abspath(__file__), "--method", method, "--seed", str(seed),
-                   "--out-dir", str(run_dir), "--overwrite", *train_flags]
-            cmd += ["--threads", str(threads)] if threads and "--threads" not in train_flags else []
+            cmd = [sys.executable, os.path.abspath(__file__), "--seed", str(seed), "--out-dir",
+                   str(run_dir), "--overwrite", *train_flags, *variants[vname]]
+            cmd += ["--threads", str(threads)] if threads and "--threads" not in cmd else []
             log = (run_dir / "log.txt").open("w")
             running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT),
                             run_dir, time.time(), log))
@@ -2270,16 +2367,19 @@ def compare(argv: list[str]) -> str:
                 (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
             bar.update(1)
     bar.close()
-    runs = [read_run(Path(d)) for d in wall if Path(d) not in failed]
-    runs.sort(key=lambda r: (methods.index(r["args"]["method"]), r["args"]["seed"]))
-    flags = " ".join(train_flags)
+    runs = [{**read_run(Path(d)), "variant": Path(d).name.rsplit("-seed", 1)[0]}
+            for d in wall if Path(d) not in failed]
+    runs.sort(key=lambda r: (list(variants).index(r["variant"]), r["args"]["seed"]))
+    command = shlex.join(["python", "rlvr_entropy.py", "compare"]
+                         + (["--methods", ",".join(methods)] if methods else [])
+                         + [f for spec in opts.variant for f in ("--variant", spec)]
+                         + ["--seeds", str(opts.seeds), "--jobs", str(opts.jobs), *train_flags])
     table = compare_table(runs, wall) if runs else "no run finished\n"
-    text = (f"Command: `python rlvr_entropy.py compare --methods {','.join(methods)} "
-            f"--seeds {opts.seeds} --jobs {opts.jobs}{' ' + flags if flags else ''}`; "
-            f"total wall time {time.time() - start:.0f} s.\n\n{table}")
+    text = f"Command: `{command}`; total wall time {time.time() - start:.0f} s.\n\n{table}"
     (out_root / "compare.md").write_text(text)
     if runs:
-        plot_runs([r["dir"] for r in runs], out_root / "compare.png")
+        plot_runs([r["dir"] for r in runs], out_root / "compare.png",
+                  labels={str(r["dir"]): r["variant"] for r in runs})
     print(text + f"\nsaved {out_root / 'compare.md'} and {out_root / 'compare.png'}")
     if failed:
         raise SystemExit(f"error: {len(failed)} run(s) failed: {', '.join(map(str, failed))}")
@@ -2351,13 +2451,18 @@ PRESETS = {
              "lr": 2e-4, "lr_warmup_steps": 0, "weight_decay": 0.0, "updates_per_batch": 1,
              "mini_batches": 2, "micro_batch_size": 64, "eval_every": 20, "eval_size": 500,
              "train_size": 5000, "instruction": "", "token_dynamics_every": 5,
-             "entropy_target": 0.027, "threads": 1},
+             "entropy_target": 0.027, "entropy_coef_target": 0.05, "clip_cov_ratio": 5e-3,
+             "clip_cov_low": 1.0, "clip_cov_high": 5.0, "kl_cov_ratio": 1e-2, "entropy_coef_delta": 1e-3,
+             "entropy_coef_max": 0.05, "threads": 1},
     "gsm8k": {"model": "Qwen/Qwen2.5-0.5B-Instruct", "dataset": "gsm8k", "steps": 300,
               "prompts_per_step": 16, "group_size": 8, "max_new_tokens": 512,
               "temperature": 1.0, "top_p": 1.0, "lr": 1e-6, "lr_warmup_steps": 10,
               "weight_decay": 0.1, "updates_per_batch": 1, "mini_batches": 4,
               "micro_batch_size": 8, "eval_every": 25, "eval_size": 200,
-              "token_dynamics_every": 25, "entropy_target": 0.2, "threads": 0,
+              "token_dynamics_every": 25, "entropy_target": 0.2, "entropy_coef_target": 0.2,
+              "clip_cov_ratio": 2e-4, "clip_cov_low": 1.0, "clip_cov_high": 5.0,
+              "kl_cov_ratio": 2e-4, "entropy_coef_delta": 1e-4, "entropy_coef_max": 0.005,
+              "threads": 0,
               "instruction": "Please reason step by step, and put your final answer "
                              "within \\boxed{}."},
 }
@@ -2446,15 +2551,30 @@ def build_parser() -> argparse.ArgumentParser:
       "(1 with --reinforce-pos 0 is NSR)")
     a("--forking-top", type=float, default=1.0, help="keep the loss only on the batch's "
       "top fraction of token entropies (arXiv 2506.01939: 0.2; 1: off)")
-    a("--clip-cov-ratio", type=float, default=0.0, help="Clip-Cov (arXiv 2505.22617): share "
-      "of tokens whose gradient is removed, drawn among covariances in (low, high); "
-      "released 2e-4; 0: off")
-    a("--clip-cov-low", type=float, default=1.0, help="Clip-Cov: lower covariance bound")
-    a("--clip-cov-high", type=float, default=5.0, help="Clip-Cov: upper covariance bound")
-    a("--kl-cov-ratio", type=float, default=0.0, help="KL-Cov (arXiv 2505.22617): share of "
-      "top-covariance tokens given a |log pi - log pi_old| penalty; replaces the PPO clip; "
-      "released 2e-4; 0: off")
-    a("--kl-cov-coef", type=float, default=1.0, help="KL-Cov: the penalty's coefficient")
+    a("--clip-cov", action="store_true", help="Clip-Cov (arXiv 2505.22617): remove the "
+      "gradient of a random few tokens whose covariance lies in (low, high)")
+    a("--clip-cov-ratio", type=float, help="Clip-Cov: share of tokens (gsm8k 2e-4 as released "
+      "in verl: 1 token in 5,000; tiny 5e-3, about 40 of its 8,000)")
+    a("--clip-cov-low", type=float, help="Clip-Cov: lower covariance bound (1 as released)")
+    a("--clip-cov-high", type=float, help="Clip-Cov: upper covariance bound (5 as released)")
+    a("--kl-cov", action="store_true", help="KL-Cov (arXiv 2505.22617): a |log pi - log "
+      "pi_old| penalty on the top-covariance tokens, in place of the PPO clip")
+    a("--kl-cov-ratio", type=float, help="KL-Cov: share of tokens (gsm8k 2e-4 as in verl's "
+      "config; tiny 1e-2, about 80 of its 8,000 tokens)")
+    a("--kl-cov-coef", type=float, default=1.0, help="KL-Cov: the penalty's coefficient "
+      "(verl's config 0.1; its KL-Cov recipes 1)")
+    a("--entropy-coef", type=float, default=0.0, help="entropy bonus alpha: loss -= alpha * "
+      "mean token entropy (TRL entropy_coef, verl entropy_coeff); with --adaptive-entropy, "
+      "its start value (released 0); 0 and no --adaptive-entropy: off")
+    a("--adaptive-entropy", action="store_true", help="adapt alpha as Skywork-OR1 does "
+      "(arXiv 2505.22312): up by delta while entropy is under the target, down above it, "
+      "and the bonus off above it")
+    a("--entropy-coef-target", type=float, help="adaptive bonus: the entropy to hold "
+      "(gsm8k 0.2 as released; tiny TINY_TARGET)")
+    a("--entropy-coef-delta", type=float, help="adaptive bonus: alpha's change per step "
+      "(gsm8k 1e-4 as released; tiny TINY_DELTA)")
+    a("--entropy-coef-max", type=float, help="adaptive bonus: alpha's ceiling "
+      "(gsm8k 0.005 as released; tiny TINY_MAX)")
     a = p.add_argument_group("loss and optimisation").add_argument
     a("--clip-low", type=float, default=0.2, help="PPO clip epsilon_low")
     a("--clip-high", type=float, default=0.28, help="PPO clip epsilon_high (Clip-Higher)")
@@ -2537,7 +2657,10 @@ RUN_SETTINGS = (
     "stage_window", "stage_frac", "stage_patience", "pos_weight", "neg_weight",
     "lambda_schedule", "entropy_target", "lambda_step", "lambda_epochs", "clip_low",
     "clip_high", "advantage_estimator", "reinforce_pos", "reinforce_neg", "forking_top",
-    "clip_cov_ratio", "clip_cov_low", "clip_cov_high", "kl_cov_ratio", "kl_cov_coef",
+    "clip_cov", "clip_cov_ratio", "clip_cov_low", "clip_cov_high", "kl_cov", "kl_cov_ratio",
+    "kl_cov_coef",
+    "entropy_coef", "adaptive_entropy", "entropy_coef_target", "entropy_coef_delta",
+    "entropy_coef_max",
     "loss_agg", "updates_per_batch", "mini_batches", "lr", "lr_warmup_steps",
     "weight_decay", "max_grad_norm", "eval_every", "eval_k", "eval_temperature", "eval_top_p",
     "warmup_steps", "warmup_lr", "warmup_batch_size", "warmup_seed", "warmup_slip",
@@ -2559,8 +2682,10 @@ NUMERIC_FLAGS = [
     ("entropy_target", 0, None, False), ("lambda_step", 0, 1, False),
     ("lambda_epochs", 2, None, True), ("clip_low", 0, 1, True), ("clip_high", 0, None, True),
     ("reinforce_pos", 0, None, True), ("reinforce_neg", 0, None, True),
-    ("forking_top", 0, 1, False), ("clip_cov_ratio", 0, 1, True), ("clip_cov_low", 0, None, True),
-    ("clip_cov_high", 0, None, False), ("kl_cov_ratio", 0, 1, True), ("kl_cov_coef", 0, None, True),
+    ("forking_top", 0, 1, False), ("clip_cov_ratio", 0, 1, False), ("clip_cov_low", 0, None, True),
+    ("clip_cov_high", 0, None, False), ("kl_cov_ratio", 0, 1, False), ("kl_cov_coef", 0, None, True),
+    ("entropy_coef", 0, None, True), ("entropy_coef_delta", 0, None, False),
+    ("entropy_coef_target", 0, None, False), ("entropy_coef_max", 0, None, True),
     ("updates_per_batch", 1, None, True), ("mini_batches", 1, None, True),
     ("micro_batch_size", 0, None, True), ("lr", 0, None, False), ("lr_warmup_steps", 0, None, True),
     ("weight_decay", 0, None, True), ("max_grad_norm", 0, None, False),
@@ -2661,10 +2786,12 @@ def run_settings(args: argparse.Namespace) -> dict:
                                  ("neg_weight", schedule is not None)) if not used}
     if args.advantage_estimator != "reinforce":
         unused |= {"reinforce_pos", "reinforce_neg"}
-    if not args.clip_cov_ratio:
-        unused |= {"clip_cov_low", "clip_cov_high"}
-    if not args.kl_cov_ratio:
-        unused.add("kl_cov_coef")
+    if not args.clip_cov:
+        unused |= {"clip_cov_ratio", "clip_cov_low", "clip_cov_high"}
+    if not args.kl_cov:
+        unused |= {"kl_cov_ratio", "kl_cov_coef"}
+    if not args.adaptive_entropy:
+        unused |= {"entropy_coef_target", "entropy_coef_delta", "entropy_coef_max"}
     if args.model != "tiny":
         unused |= {k for k in RUN_SETTINGS if k.startswith("warmup_")}
     settings = {k: getattr(args, k) for k in RUN_SETTINGS if k not in unused}
