@@ -2090,7 +2090,8 @@ def plot_runs(run_dirs: list[Path], out_path: Path, smooth: int = 5,
     for run in runs:
         run["label"] = (labels or {}).get(str(run["dir"])) or run["args"].get("method", "?")
     methods = list(dict.fromkeys(r["label"] for r in runs))
-    colour = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    palette = [f"C{i}" for i in range(10)] if len(methods) <= 10 else plt.get_cmap("tab20").colors
+    colour = {m: palette[i % len(palette)] for i, m in enumerate(methods)}
     fig, ax = plt.subplots(3, 4, figsize=(24, 12.5))
     labelled = set()
     for run in runs:

@@ -1663,18 +1663,29 @@ def test_shaping_from_the_detected_plateau(tmp_path, monkeypatch, warm_cache):
 def test_plot_and_compare_end_to_end(tmp_path, warm_cache):
     pytest.importorskip("matplotlib")
     out = tmp_path / "cmp"
-    R.main(["compare", "--methods", "grpo,position", "--seeds", "1", "--out-dir", str(out),
-            "--preset", "tiny", "--cache-dir", warm_cache, *SMALL])
+    R.main(["compare", "--methods", "grpo", "--variant", "pos-kl=--method position --kl-cov",
+            "--seeds", "1", "--out-dir", str(out), "--preset", "tiny", "--cache-dir", warm_cache, *SMALL])
     table = (out / "compare.md").read_text()
-    assert "| grpo | 1 |" in table and "| position | 1 |" in table
+    assert "| grpo | 1 |" in table and "| pos-kl | 1 |" in table
+    assert "--variant 'pos-kl=--method position --kl-cov'" in table  # the command, as typed
+    variant = json.loads((out / "pos-kl-seed0" / "args.json").read_text())
+    assert variant["method"] == "position" and variant["kl_cov"] is True
+    assert R.read_metrics(out / "pos-kl-seed0" / "metrics.jsonl")[0]["kl_cov_frac"] > 0
     assert (out / "compare.png").stat().st_size > 10_000
     png = tmp_path / "two.png"
-    R.main(["plot", str(out / "grpo-seed0"), str(out / "position-seed0"), "-o", str(png)])
+    R.main(["plot", str(out / "grpo-seed0"), str(out / "pos-kl-seed0"), "-o", str(png)])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     with pytest.raises(SystemExit, match="not a run folder"):
         R.main(["plot", str(tmp_path), "-o", str(png)])
     with pytest.raises(SystemExit, match="unknown"):
         R.main(["compare", "--methods", "grpo,nonsense"])
+    for bad, says in ((["--variant", "no-equals"], "want NAME=FLAGS"),
+                      (["--methods", "grpo", "--variant", "grpo=--kl-cov"], "NAME unique"),
+                      (["--variant", "a=--seed 3"], "compare sets --seed itself"),
+                      (["--variant", "a=--clip-cov --clip-cov-low 5 --clip-cov-high 1"], "must be below")):
+        with pytest.raises(SystemExit, match=says):
+            R.main(["compare", *bad, "--out-dir", str(tmp_path / "never")])
+    assert not (tmp_path / "never").exists()
     # --overview: accuracy at each evaluation plus the final one, the entropy's moving
     # average, and the shaping window of the position run (SMALL: steps 0 to 3) shaded
     import matplotlib.axes
@@ -1686,11 +1697,11 @@ def test_plot_and_compare_end_to_end(tmp_path, warm_cache):
             ([list(v) for v in a[:2]], k["label"])) or real_plot(ax, *a, **k))
         mp.setattr(matplotlib.axes.Axes, "axvspan", lambda ax, lo, hi, **k: shaded.append(
             (lo, hi)) or real_span(ax, lo, hi, **k))
-        R.main(["plot", "--overview", str(out / "grpo-seed0"), str(out / "position-seed0"),
+        R.main(["plot", "--overview", str(out / "grpo-seed0"), str(out / "pos-kl-seed0"),
                 "-o", str(png)])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shaded == [(0, 3), (0, 3)]
-    rows = R.read_metrics(out / "position-seed0" / "metrics.jsonl")
-    final = json.loads((out / "position-seed0" / "summary.json").read_text())["final_accuracy"]
+    rows = R.read_metrics(out / "pos-kl-seed0" / "metrics.jsonl")
+    final = json.loads((out / "pos-kl-seed0" / "summary.json").read_text())["final_accuracy"]
     entropy = [r["entropy"] for r in rows]
     assert drawn[2] == ([[0, 2, 3], [rows[0]["accuracy"], rows[2]["accuracy"], final]],
                         "position, seed 0")
