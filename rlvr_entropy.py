@@ -977,6 +977,29 @@ def next_batch(problems: list[dict], state: LoopState, order_rng: random.Random,
     return batch
 
 
+def token_dynamics(model, out: dict, temperature: float, micro_batch_size: int,
+                   bf16: bool = False) -> dict:
+    """Re-score the step's batch under the updated policy (no grad, no RNG) and measure what
+    moved: token_movement ([A]) and entropy_change_by_quadrant ([B]'s sign rule)."""
+    mask = out["rollout"]["completion_mask"]
+    new_logp, new_entropy = old_policy_stats(model, out["rollout"], temperature, micro_batch_size, bf16)
+    return {**token_movement(out["old_logp"], new_logp, out["entropy"], mask, out["log_ppl"]),
+            **entropy_change_by_quadrant(out["entropy"], new_entropy, out["advantages"],
+                                         out["is_top"], mask)}
+
+
+def entropy_controllers(state: LoopState, args: argparse.Namespace, entropy: float) -> None:
+    """After step k, from its batch entropy: [B]'s entropy-guided lambda and Skywork-OR1's
+    adaptive bonus (entropy_guided_lambda, adaptive_entropy_coef) set step k+1's values."""
+    if args.method == "posneg" and args.lambda_schedule == "entropy":
+        state.pos_weight = entropy_guided_lambda(state.pos_weight, entropy, args.entropy_target,
+                                                 args.lambda_step)
+    if args.adaptive_entropy:
+        state.entropy_coef, state.entropy_bonus = adaptive_entropy_coef(
+            state.entropy_coef, entropy, args.entropy_coef_target, args.entropy_coef_delta,
+            args.entropy_coef_max)
+
+
 def train(args: argparse.Namespace, model, tokenizer, train_set: list[dict],
           eval_set: list[dict], out_dir: Path, resume: dict | None = None) -> dict:
     """The RL loop: each step evaluates when due, runs rl_step, logs one metrics row to
@@ -1041,14 +1064,8 @@ def train(args: argparse.Namespace, model, tokenizer, train_set: list[dict],
                       shaping_active(args.method, step, state.shape_from, args.shape_until), now,
                       state.entropy_bonus)
         movement, tic = None, now()
-        if args.token_dynamics_every and step % args.token_dynamics_every == 0:  # [A]: what moved
-            new_logp, new_entropy = old_policy_stats(model, out["rollout"], args.temperature,
-                                                     args.micro_batch_size, args.bf16)
-            movement = token_movement(out["old_logp"], new_logp, out["entropy"],
-                                      out["rollout"]["completion_mask"], out["log_ppl"])
-            movement.update(entropy_change_by_quadrant(  # [B]'s sign rule, measured
-                out["entropy"], new_entropy, out["advantages"], out["is_top"],
-                out["rollout"]["completion_mask"]))
+        if args.token_dynamics_every and step % args.token_dynamics_every == 0:  # what moved
+            movement = token_dynamics(model, out, args.temperature, args.micro_batch_size, args.bf16)
         out["phases"]["token_dynamics"] = now() - tic
         scheduler.step()
         state.nonfinite_skips += out["update"]["skipped_updates"]
@@ -1078,13 +1095,7 @@ def train(args: argparse.Namespace, model, tokenizer, train_set: list[dict],
                          **({"pos_weight": f"{state.pos_weight:.2f}"} if args.method == "posneg" else {})})
         if args.profile:
             tqdm.write(format_profile(step, row["profile"]))
-        if args.method == "posneg" and args.lambda_schedule == "entropy":
-            state.pos_weight = entropy_guided_lambda(state.pos_weight, row["entropy"],
-                                                     args.entropy_target, args.lambda_step)
-        if args.adaptive_entropy:
-            state.entropy_coef, state.entropy_bonus = adaptive_entropy_coef(
-                state.entropy_coef, row["entropy"], args.entropy_coef_target,
-                args.entropy_coef_delta, args.entropy_coef_max)
+        entropy_controllers(state, args, row["entropy"])
         state.step = step + 1
         if stop["signum"] is not None or (args.save_every and state.step % args.save_every == 0):
             save_checkpoint(out_dir, model, tokenizer,
@@ -2261,6 +2272,25 @@ def compare_run_state(run_dir: Path, args: argparse.Namespace) -> str:
     return "done"
 
 
+def compare_variants(methods_arg: str | None, specs: list[str]) -> tuple[list[str], dict]:
+    """compare's rows: the --methods list, and {name: its own training flags} for each method
+    (["--method", m]) and each --variant NAME=FLAGS, in order."""
+    if methods_arg is None:
+        methods_arg = "" if specs else "grpo,ppl,position"
+    methods = [m.strip() for m in methods_arg.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not (methods or specs):
+        raise SystemExit(f"error: --methods: unknown {bad or 'empty'}; choose from {', '.join(METHODS)}")
+    variants = {m: ["--method", m] for m in methods}
+    for spec in specs:
+        name, eq, flags = (part.strip() for part in spec.partition("="))
+        if not eq or not re.fullmatch(r"[A-Za-z0-9_.+-]+", name) or name in variants:
+            raise SystemExit(f"error: --variant {spec!r}: want NAME=FLAGS, NAME unique and made of "
+                             "letters, digits and _.+-")
+        variants[name] = shlex.split(flags)
+    return methods, variants
+
+
 def compare(argv: list[str]) -> str:
     """`compare`: train each method on each seed (same preset and flags), then write
     compare.md and compare.png in --out-dir and print the table."""
@@ -2288,18 +2318,7 @@ def compare(argv: list[str]) -> str:
                         "reused, so --seeds 5 after --seeds 3 trains only seeds 3 and 4")
     opts, train_flags = p.parse_known_args(argv)
     start = time.time()  # the whole command, warm-up included
-    methods_arg = opts.methods if opts.methods is not None else "" if opts.variant else "grpo,ppl,position"
-    methods = [m.strip() for m in methods_arg.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
-    if bad or not (methods or opts.variant):
-        raise SystemExit(f"error: --methods: unknown {bad or 'empty'}; choose from {', '.join(METHODS)}")
-    variants = {m: ["--method", m] for m in methods}  # name -> its own flags
-    for spec in opts.variant:
-        vname, eq, vflags = spec.partition("=")
-        if not eq or not re.fullmatch(r"[A-Za-z0-9_.+-]+", vname.strip()) or vname.strip() in variants:
-            raise SystemExit(f"error: --variant {spec!r}: want NAME=FLAGS, NAME unique and made of "
-                             "letters, digits and _.+-")
-        variants[vname.strip()] = shlex.split(vflags)
+    methods, variants = compare_variants(opts.methods, opts.variant)
     if opts.seeds < 1 or opts.jobs < 1:
         raise SystemExit("error: --seeds and --jobs must be at least 1")
     own = {"--seed", "--out-dir", "--resume", "--overwrite"}
@@ -2479,6 +2498,43 @@ def step_or_plateau(value: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected a step or 'plateau', got '{value}'") from None
 
 
+def add_control_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of the field's entropy controls (section 6), one group of build_parser."""
+    a = p.add_argument_group("the field's entropy controls (compose with any --method)").add_argument
+    a("--advantage-estimator", choices=("grpo", "reinforce"), default="grpo", help="grpo: "
+      "group-normalised; reinforce: W-REINFORCE / PSR / NSR (arXiv 2506.01347), no baseline")
+    a("--reinforce-pos", type=float, default=0.1, help="reinforce: A of a correct response "
+      "(lambda; 0.1 is W-REINFORCE, 1 with --reinforce-neg 0 is PSR)")
+    a("--reinforce-neg", type=float, default=1.0, help="reinforce: -A of a wrong response "
+      "(1 with --reinforce-pos 0 is NSR)")
+    a("--forking-top", type=float, default=1.0, help="keep the loss only on the batch's "
+      "top fraction of token entropies (arXiv 2506.01939: 0.2; 1: off)")
+    a("--clip-cov", action="store_true", help="Clip-Cov (arXiv 2505.22617): remove the "
+      "gradient of a random few tokens whose covariance lies in (low, high)")
+    a("--clip-cov-ratio", type=float, help="Clip-Cov: share of tokens (gsm8k 2e-4 as released "
+      "in verl: 1 token in 5,000; tiny 5e-3, about 40 of its 8,000)")
+    a("--clip-cov-low", type=float, help="Clip-Cov: lower covariance bound (1 as released)")
+    a("--clip-cov-high", type=float, help="Clip-Cov: upper covariance bound (5 as released)")
+    a("--kl-cov", action="store_true", help="KL-Cov (arXiv 2505.22617): a |log pi - log "
+      "pi_old| penalty on the top-covariance tokens, in place of the PPO clip")
+    a("--kl-cov-ratio", type=float, help="KL-Cov: share of tokens (gsm8k 2e-4 as in verl's "
+      "config; tiny 1e-2, about 80 of its 8,000 tokens)")
+    a("--kl-cov-coef", type=float, default=1.0, help="KL-Cov: the penalty's coefficient "
+      "(verl's config 0.1; its KL-Cov recipes 1)")
+    a("--entropy-coef", type=float, default=0.0, help="entropy bonus alpha: loss -= alpha * "
+      "mean token entropy (TRL entropy_coef, verl entropy_coeff); with --adaptive-entropy, "
+      "its start value (released 0); 0 and no --adaptive-entropy: off")
+    a("--adaptive-entropy", action="store_true", help="adapt alpha as Skywork-OR1 does "
+      "(arXiv 2505.22312): up by delta while entropy is under the target, down above it, "
+      "and the bonus off above it")
+    a("--entropy-coef-target", type=float, help="adaptive bonus: the entropy to hold "
+      "(gsm8k 0.2 as released; tiny 0.05, between grpo's first and last entropies)")
+    a("--entropy-coef-delta", type=float, help="adaptive bonus: alpha's change per step "
+      "(gsm8k 1e-4 as released; tiny 5e-3)")
+    a("--entropy-coef-max", type=float, help="adaptive bonus: alpha's ceiling "
+      "(gsm8k 0.005 as released; tiny 0.1: a fixed 0.2 made its entropy run away)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Every training flag, in groups. Flags left unset (None) take their preset's value."""
     p = argparse.ArgumentParser(
@@ -2543,39 +2599,7 @@ def build_parser() -> argparse.ArgumentParser:
       "gsm8k 0.2 as in [B], tiny between its negative-only and positive-only entropies)")
     a("--lambda-step", type=float, default=0.05, help="entropy schedule: lambda change per step")
     a("--lambda-epochs", type=int, help="epoch schedule: E (default: passes over the data, >= 2)")
-    a = p.add_argument_group("the field's entropy controls (compose with any --method)").add_argument
-    a("--advantage-estimator", choices=("grpo", "reinforce"), default="grpo", help="grpo: "
-      "group-normalised; reinforce: W-REINFORCE / PSR / NSR (arXiv 2506.01347), no baseline")
-    a("--reinforce-pos", type=float, default=0.1, help="reinforce: A of a correct response "
-      "(lambda; 0.1 is W-REINFORCE, 1 with --reinforce-neg 0 is PSR)")
-    a("--reinforce-neg", type=float, default=1.0, help="reinforce: -A of a wrong response "
-      "(1 with --reinforce-pos 0 is NSR)")
-    a("--forking-top", type=float, default=1.0, help="keep the loss only on the batch's "
-      "top fraction of token entropies (arXiv 2506.01939: 0.2; 1: off)")
-    a("--clip-cov", action="store_true", help="Clip-Cov (arXiv 2505.22617): remove the "
-      "gradient of a random few tokens whose covariance lies in (low, high)")
-    a("--clip-cov-ratio", type=float, help="Clip-Cov: share of tokens (gsm8k 2e-4 as released "
-      "in verl: 1 token in 5,000; tiny 5e-3, about 40 of its 8,000)")
-    a("--clip-cov-low", type=float, help="Clip-Cov: lower covariance bound (1 as released)")
-    a("--clip-cov-high", type=float, help="Clip-Cov: upper covariance bound (5 as released)")
-    a("--kl-cov", action="store_true", help="KL-Cov (arXiv 2505.22617): a |log pi - log "
-      "pi_old| penalty on the top-covariance tokens, in place of the PPO clip")
-    a("--kl-cov-ratio", type=float, help="KL-Cov: share of tokens (gsm8k 2e-4 as in verl's "
-      "config; tiny 1e-2, about 80 of its 8,000 tokens)")
-    a("--kl-cov-coef", type=float, default=1.0, help="KL-Cov: the penalty's coefficient "
-      "(verl's config 0.1; its KL-Cov recipes 1)")
-    a("--entropy-coef", type=float, default=0.0, help="entropy bonus alpha: loss -= alpha * "
-      "mean token entropy (TRL entropy_coef, verl entropy_coeff); with --adaptive-entropy, "
-      "its start value (released 0); 0 and no --adaptive-entropy: off")
-    a("--adaptive-entropy", action="store_true", help="adapt alpha as Skywork-OR1 does "
-      "(arXiv 2505.22312): up by delta while entropy is under the target, down above it, "
-      "and the bonus off above it")
-    a("--entropy-coef-target", type=float, help="adaptive bonus: the entropy to hold "
-      "(gsm8k 0.2 as released; tiny 0.05, between grpo's first and last entropies)")
-    a("--entropy-coef-delta", type=float, help="adaptive bonus: alpha's change per step "
-      "(gsm8k 1e-4 as released; tiny 5e-3)")
-    a("--entropy-coef-max", type=float, help="adaptive bonus: alpha's ceiling "
-      "(gsm8k 0.005 as released; tiny 0.1: a fixed 0.2 made its entropy run away)")
+    add_control_flags(p)
     a = p.add_argument_group("loss and optimisation").add_argument
     a("--clip-low", type=float, default=0.2, help="PPO clip epsilon_low")
     a("--clip-high", type=float, default=0.28, help="PPO clip epsilon_high (Clip-Higher)")

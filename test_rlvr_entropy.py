@@ -1283,6 +1283,20 @@ def test_half_written_checkpoint_is_ignored(tmp_path, warm_cache):
     assert [r["step"] for r in metric_rows(out)] == list(range(6))
 
 
+def test_adaptive_bonus_rises_step_by_step_and_resumes_where_it_was(tmp_path, warm_cache):
+    """Under a target no entropy reaches, alpha rises by delta after every step (0, d, 2d,
+    ... in the rows, each the alpha that step trained with); a run stopped at step 3 and
+    resumed logs the same rows as one that never stopped: c lives in the checkpoint."""
+    flags = [*RESUME, "--adaptive-entropy", "--entropy-coef-target", "10",
+             "--entropy-coef-delta", "0.01", "--entropy-coef-max", "1", "--cache-dir", warm_cache]
+    R.main([*flags, "--steps", "6", "--out-dir", str(tmp_path / "full")])
+    R.main([*flags, "--steps", "3", "--save-every", "3", "--out-dir", str(tmp_path / "cut")])
+    R.main([*flags, "--steps", "6", "--out-dir", str(tmp_path / "cut"), "--resume"])
+    full = metric_rows(tmp_path / "full")
+    assert [r["entropy_coef"] for r in full] == pytest.approx([0, 0.01, 0.02, 0.03, 0.04, 0.05])
+    assert metric_rows(tmp_path / "cut") == full
+
+
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="no complete checkpoint"):
         R.main([*RESUME, "--out-dir", str(tmp_path / "none"), "--resume"])
