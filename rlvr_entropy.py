@@ -724,10 +724,10 @@ def old_policy_stats(model, rollout: dict, temperature: float, micro_batch_size:
                                              micro_batch_size, bf16):
         lp, h = token_logprobs(logits, comp[idx, :n], temperature), token_entropy(logits, temperature)
         if logps is None:
-            logps, ents = lp.new_zeros(mask.shape), h.new_zeros(mask.shape)
-            tops = torch.zeros(mask.shape, dtype=torch.bool, device=mask.device)
+            logps, ents, tops = lp.new_zeros(mask.shape), h.new_zeros(mask.shape), torch.zeros_like(mask, dtype=torch.bool)
         logps[idx, :n], ents[idx, :n] = lp, h
-        tops[idx, :n] = logits.argmax(-1) == comp[idx, :n]
+        if with_top:  # a full-vocabulary argmax: only when asked for
+            tops[idx, :n] = logits.argmax(-1) == comp[idx, :n]
     return (logps, ents, tops) if with_top else (logps, ents)
 
 
@@ -737,9 +737,9 @@ def policy_update(model, optimizer, rollout: dict, old_logp: torch.Tensor, advan
     """n_passes (updates_per_batch) passes, each over `mini_batches` random mini-batches;
     one optimizer step per mini-batch, its gradient accumulated over micro-batches with the
     mini-batch's own denominators (aggregate_loss). Forward: micro_batch_logits, then
-    token_logprobs; loss of token t: w_t * L_t, L_t from clipped_token_loss (or, given
-    KL-Cov's kl_picked tokens, from kl_cov_token_loss, which replaces the clip), minus
-    entropy_coef times the trainable_entropy aggregated the same way (the bonus). An update whose loss is not finite is skipped, never written into the weights.
+    token_logprobs; loss of token t: w_t * L_t, L_t from clipped_token_loss (kl_cov_token_loss,
+    given KL-Cov's kl_picked), minus entropy_coef x trainable_entropy aggregated alike (the
+    bonus). An update whose loss is not finite is skipped, never written into the weights.
     Returns mean loss, clip fractions and approx KL (clip_stats), grad norms, counts."""
     mask, comp = rollout["completion_mask"], rollout["completion_ids"]
     B = mask.shape[0]
