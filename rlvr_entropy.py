@@ -1,33 +1,28 @@
 """rlvr_entropy.py: how entropy shapes RL with verifiable rewards (RLVR), in one file.
 
-Trains a causal LM on math with GRPO and a verifiable 0/1 reward. It logs token entropy,
-response perplexity and what the update does every step. It also implements the
-advantage-shaping methods of
+Trains a causal LM on math with GRPO and a verifiable 0/1 reward, logs token entropy,
+response perplexity and what each update does, and implements the methods of
+  [A] Deng et al., arXiv 2508.02260 (2025): perplexity-based ("ppl") and position-based
+      ("position") advantage shaping;
+  [B] Jin et al., arXiv 2511.05993 (2025): positive/negative-advantage token weights
+      ("posneg") with a fixed, staged, epoch-wise or entropy-guided lambda;
+beside the field's entropy controls (W-REINFORCE, forking tokens, Clip-Cov, KL-Cov, the
+entropy bonus).
 
-  [A] Deng et al., "Decomposing the Entropy-Performance Exchange: The Missing Keys to
-      Unlocking Effective Reinforcement Learning", arXiv 2508.02260 (2025):
-      perplexity-based ("ppl") and position-based ("position") advantage shaping;
-  [B] Jin et al., "Revisiting Entropy in Reinforcement Learning for Large Reasoning
-      Models", arXiv 2511.05993 (2025): positive/negative-advantage token weights
-      ("posneg") with fixed, staged, epoch-wise or entropy-guided lambda.
-
-Read it top to bottom. The core path is sections 1-7, and rl_step() in section 7 is one
-RL step, whole: data -> reward -> rollout -> log-probs -> advantages -> loss -> step.
-After it come evaluation with greedy accuracy, avg@k and pass@k (8), the training loop
-around rl_step (9), the live entropy analysis of [A] and the metrics row (10); then the
-appendices: the grader's rules for reading an answer (11), the built-in tiny model, task
-and warm-up (12), checkpoints and resume (13), plots and method comparison (14), and the
-command line (15).
+Read it top to bottom. The tutorial path is sections 1-9: data -> reward -> rollout ->
+log-probs -> advantages -> loss -> one RL step (rl_step, section 7) -> evaluation -> the
+loop. After it, not needed to follow the method: the live entropy analysis and the
+metrics row (10), the grader's rules (11), the built-in tiny model, task and warm-up (12),
+checkpoints (13), and the settings and command line (14).
 
     python rlvr_entropy.py --method ppl                 # tiny preset on CPU, a few minutes
     python rlvr_entropy.py --preset gsm8k --method ppl  # Qwen2.5-0.5B-Instruct on GSM8K, one GPU
-    python rlvr_entropy.py compare --methods grpo,ppl,position --seeds 3 --jobs 2
-    python rlvr_entropy.py plot runs/tiny-grpo-seed0 runs/tiny-ppl-seed0 -o fig.png
+    python tools/rlvr_tools.py compare --methods grpo,ppl,position --seeds 3 --jobs 2
 
-The functions of sections 1-7 take tensors and plain values (StepConfig is a dataclass of
-plain values) and return tensors or plain values. Each can be copied into your own trainer
-with its imports and the helpers its docstring names. Shapes: B = responses in a batch
-(= prompts x G), G = group size, T = completion length, V = vocabulary size.
+The functions of sections 1-8 take tensors and plain values and return tensors or plain
+values; each names in its docstring the helpers it calls, so it can be copied into another
+trainer with them. Shapes: B = responses in a batch (prompts x G), G = group size,
+T = completion length, V = vocabulary size.
 """
 
 from __future__ import annotations
@@ -40,10 +35,10 @@ import math
 import os
 import random
 import re
-import shlex
 import shutil
 import signal
 import time
+import typing
 import unicodedata
 from dataclasses import asdict, dataclass, field, fields
 from fractions import Fraction
@@ -60,9 +55,9 @@ METHODS = ("grpo", "ppl", "position", "posneg")
 
 # =========================================================================================
 # 1. Data
-# Every example is a dict {"question": str, "answer": str}. "answer" is the gold final
-# answer only, for example "18". Three sources: GSM8K from the hub, any local file, and a
-# built-in arithmetic task generated in code (section 12), so the tiny preset needs no download.
+# Every example is a dict {"question": str, "answer": str}, "answer" the gold final answer
+# only ("18"). Three sources: GSM8K from the hub, any local file, and a built-in arithmetic
+# task made in code (section 12), so the tiny preset needs no download.
 # =========================================================================================
 
 
@@ -82,25 +77,23 @@ def load_gsm8k(split: str) -> list[dict]:
 
 def load_local_dataset(path: str, question_field: str = "question",
                        answer_field: str = "answer") -> list[dict]:
-    """A .jsonl / .json / .parquet / .csv file with one problem per row.
-
-    If the answer field holds a worked solution with '####', gold_answer takes the part after it.
-    Raises ValueError naming the first row that lacks a field.
-    """
+    """A .jsonl / .json / .parquet / .csv file with one problem per row, read by
+    datasets.load_dataset. An answer that is a worked solution with '####' is cut by
+    gold_answer. Raises ValueError with one sentence for a file it cannot use."""
     from datasets import load_dataset
 
     kinds = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-    suffix = Path(path).suffix.lower()
-    if suffix not in kinds:
+    file, kind = Path(path), kinds.get(Path(path).suffix.lower())
+    if kind is None:
         raise ValueError(f"dataset {path} must end in one of {', '.join(kinds)}")
-    if Path(path).is_dir():
+    if file.is_dir():
         raise ValueError(f"dataset {path} is a folder, not a file")
-    if not Path(path).is_file():
+    if not file.is_file():
         raise ValueError(f"dataset file {path} does not exist")
-    if Path(path).stat().st_size == 0:
+    if file.stat().st_size == 0:
         raise ValueError(f"dataset {path} is empty")
-    if kinds[suffix] == "json":  # name the first broken line (the loader's own error does not)
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    if kind == "json":  # name the first broken line (the loader's own error does not)
+        text = file.read_text(encoding="utf-8", errors="replace")
         try:
             json.loads(text)  # one JSON document (a list of rows) is fine as it is
         except ValueError:
@@ -110,7 +103,7 @@ def load_local_dataset(path: str, question_field: str = "question",
                 except ValueError:
                     raise ValueError(f"line {n} of {path} is not valid JSON") from None
     try:
-        rows = load_dataset(kinds[suffix], data_files=str(path), split="train")
+        rows = load_dataset(kind, data_files=str(path), split="train")
     except Exception as e:  # noqa: BLE001 (a malformed file, in any of the loaders' words)
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         if "corresponds to no data" in reason:  # a CSV with a header and no rows
@@ -118,15 +111,13 @@ def load_local_dataset(path: str, question_field: str = "question",
         raise ValueError(f"could not read {path} ({reason})") from None
     if len(rows) == 0:
         raise ValueError(f"dataset {path} has no rows")
-    out = []
     for i, r in enumerate(rows):
         for key in (question_field, answer_field):
             if r.get(key) is None or str(r[key]).strip() == "":
                 raise ValueError(f"row {i} of {path} has no field '{key}' "
                                  f"(set --question-field / --answer-field)")
-        out.append({"question": str(r[question_field]),
-                    "answer": gold_answer(str(r[answer_field]))})
-    return out
+    return [{"question": str(r[question_field]), "answer": gold_answer(str(r[answer_field]))}
+            for r in rows]
 
 
 def build_prompt(tokenizer, question: str, instruction: str = "") -> str:
@@ -184,8 +175,8 @@ def math_reward(completion: str, gold: str, last_number_fallback: bool = False) 
 
 @torch.no_grad()
 def generate_rollouts(model, tokenizer, prompts: list[str], group_size: int,
-                      max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
-                      greedy: bool = False, eos_token_ids: list[int] | None = None) -> dict:
+                      max_new_tokens: int, *, temperature: float = 1.0, top_p: float = 1.0,
+                      greedy: bool = False, eos_ids: list[int] | None = None) -> dict:
     """Sample `group_size` completions for each prompt.
 
     Returns a dict of tensors on the model's device:
@@ -200,7 +191,7 @@ def generate_rollouts(model, tokenizer, prompts: list[str], group_size: int,
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     prompt_ids = enc.input_ids.repeat_interleave(group_size, 0).to(device)
     prompt_mask = enc.attention_mask.repeat_interleave(group_size, 0).to(device)
-    eos = eos_token_ids or [tokenizer.eos_token_id]
+    eos = eos_ids or [tokenizer.eos_token_id]
     # Every sampling knob is passed explicitly: values left unset would be taken from the
     # checkpoint's generation_config (Qwen instruct ships top_k=20, repetition_penalty>1),
     # and then the sampler would not be the policy pi whose log-probs we train on.
@@ -215,22 +206,23 @@ def generate_rollouts(model, tokenizer, prompts: list[str], group_size: int,
     model.train(was_training)
     completion_ids = out[:, prompt_ids.shape[1]:]
     completion_mask, truncated = completion_mask_from_ids(completion_ids, eos)
-    return {"input_ids": out, "attention_mask": torch.cat([prompt_mask, completion_mask.long()], 1),
+    return {"input_ids": out,
+            "attention_mask": torch.cat([prompt_mask, completion_mask.long()], 1),
             "completion_ids": completion_ids, "completion_mask": completion_mask,
             "truncated": truncated}
 
 
 def completion_mask_from_ids(completion_ids: torch.Tensor,
-                             eos_token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+                             eos_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T) ids -> mask (B, T) float, 1.0 up to and including the first EOS, and
     truncated (B,) bool, True where no EOS was generated. generate() pads finished rows
     with pad tokens, which may equal EOS, so only the first EOS counts."""
-    is_eos = torch.isin(completion_ids, torch.tensor(eos_token_ids, device=completion_ids.device))
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))
     eos_before = is_eos.int().cumsum(1) - is_eos.int()  # EOS tokens strictly before t
     return (eos_before == 0).float(), ~is_eos.any(1)
 
 
-def eos_token_ids(model, tokenizer) -> list[int]:
+def stop_token_ids(model, tokenizer) -> list[int]:
     """All ids that end a response: the generation config may list several (Qwen instruct
     stops at <|im_end|> and <|endoftext|>)."""
     ids = getattr(model.generation_config, "eos_token_id", None)
@@ -251,19 +243,19 @@ def autocast_ctx(device: torch.device, bf16: bool):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
 
 
-def sample_responses(model, tokenizer, questions: list[str], group_size: int, max_new_tokens: int,
-                     temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
-                     instruction: str = "", eos_ids: list[int] | None = None,
-                     bf16: bool = False) -> tuple[dict, list[str]]:
+def sample_responses(model, tokenizer, questions: list[str], group_size: int,
+                     max_new_tokens: int, *, temperature: float = 1.0, top_p: float = 1.0,
+                     greedy: bool = False, instruction: str = "",
+                     eos_ids: list[int] | None = None, bf16: bool = False) -> tuple[dict, list]:
     """questions -> prompts (build_prompt) -> group_size responses each (generate_rollouts,
-    stopping at eos_token_ids, under autocast_ctx) -> (rollout, the B texts from
-    decode_completions). Used by both the RL step and evaluation."""
+    stopping at eos_ids, else stop_token_ids, under autocast_ctx) -> (rollout, the B texts
+    from decode_completions). Used by both the RL step and evaluation."""
     device = next(model.parameters()).device
     prompts = [build_prompt(tokenizer, q, instruction) for q in questions]
     with autocast_ctx(device, bf16):
         rollout = generate_rollouts(model, tokenizer, prompts, group_size, max_new_tokens,
-                                    temperature, top_p, greedy=greedy,
-                                    eos_token_ids=eos_ids or eos_token_ids(model, tokenizer))
+                                    temperature=temperature, top_p=top_p, greedy=greedy,
+                                    eos_ids=eos_ids or stop_token_ids(model, tokenizer))
     return rollout, decode_completions(tokenizer, rollout)
 
 
@@ -364,6 +356,17 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float | None:
     return torch.where(mask > 0, x, 0).sum().item() / n.item() if n > 0 else None
 
 
+def quantile(x: torch.Tensor, q: float) -> torch.Tensor:
+    """torch.quantile(x, q) of a 1-D tensor (linear interpolation), without its limit of
+    2^24 elements (a batch of the papers' size has far more tokens): the order statistics
+    at floor and ceil of q (n - 1), by kthvalue, then lerp, with the rank computed in x's
+    dtype as torch does, so the value is the same to the bit. (N,) -> scalar tensor."""
+    rank = torch.tensor(q, dtype=x.dtype) * (len(x) - 1)
+    low = int(rank.floor())
+    below, above = x.kthvalue(low + 1).values, x.kthvalue(min(low + 2, len(x))).values
+    return torch.lerp(below, above, rank - low)
+
+
 # =========================================================================================
 # 5. Advantages: GRPO, then the shaping methods of paper [A]
 # GRPO (Shao et al. 2024) needs no value network. It compares each response with the other
@@ -389,7 +392,8 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool =
 # --- Method A1, perplexity-based shaping ("ppl") -----------------------------------------
 #   l_i = log PPL under pi_old;  per group: Q1, Q3, IQR = Q3 - Q1;
 #   mu, sigma = mean and population std of the l_i inside [Q1 - 1.5 IQR, Q3 + 1.5 IQR]
-#   z_i = (l_i - mu) / sigma  (for every response);  A'_{i,t} = A_{i,t} clamp(1 - alpha z_i, 0.8, 1.2)
+#   z_i = (l_i - mu) / sigma  (for every response)
+#   A'_{i,t} = A_{i,t} clamp(1 - alpha z_i, 0.8, 1.2)
 # Low-perplexity responses (z < 0) get weight > 1. The released script (low_ppl.sh) computes
 # this weight but never multiplies it in (see docs/methods.md). We apply it, as the paper intends.
 
@@ -398,7 +402,8 @@ def ppl_weights(log_ppl: torch.Tensor, group_size: int, alpha: float = 0.01,
                 clip_range: tuple[float, float] = (0.8, 1.2)) -> torch.Tensor:
     """Per-response advantage weight from a robust z-score of log-PPL: (B,) -> (B,)."""
     x = log_ppl.float().view(-1, group_size)
-    q1, q3 = torch.quantile(x, 0.25, dim=1, keepdim=True), torch.quantile(x, 0.75, dim=1, keepdim=True)
+    q1 = torch.quantile(x, 0.25, dim=1, keepdim=True)  # G values per row: far below the limit
+    q3 = torch.quantile(x, 0.75, dim=1, keepdim=True)
     iqr = q3 - q1
     keep = (x >= q1 - 1.5 * iqr) & (x <= q3 + 1.5 * iqr)  # outliers out of the statistics only
     keep = keep | ~keep.any(1, keepdim=True)             # if none survive, use all
@@ -411,7 +416,8 @@ def ppl_weights(log_ppl: torch.Tensor, group_size: int, alpha: float = 0.01,
 
 
 # --- Method A2, position-based shaping ("position") --------------------------------------
-#   p_{i,t} = t / |o_i|  (t counts valid tokens from 0);  b = min(alpha sigmoid(k (p - 0.5)), 0.5 |A|)
+#   p_{i,t} = t / |o_i|  (t counts valid tokens from 0)
+#   b_{i,t} = min(alpha sigmoid(k (p_{i,t} - 0.5)), 0.5 |A_{i,t}|)
 #   A'_{i,t} = A_{i,t} + sign(A_{i,t}) b_{i,t}
 # Late tokens of a correct response get more credit, late tokens of a wrong one more blame.
 
@@ -435,16 +441,19 @@ def shaping_active(method: str, step: int, shape_from: int, shape_until: int) ->
 
 # --- PSR / NSR / W-REINFORCE (Zhu et al., arXiv 2506.01347) --------------------------------
 #   A_i = lambda if response i is correct, -1 if it is wrong: no group baseline, no std.
-# PSR (positive samples only) is lambda = 1 with the wrong ones dropped; NSR (negative only)
-# is lambda = 0. W-REINFORCE weights PSR by lambda = 0.1, the paper's choice: mostly
-# pushing down wrong answers, which the authors found keeps entropy and pass@k up.
+# PSR trains on the correct responses only (A = 1), NSR on the wrong ones only (A = -1):
+# as in the released code (RLVR-Decomposed, batch.subset), the other rows leave the batch,
+# and with them the token-mean's denominator (rl_step drops every row whose A is 0).
+# W-REINFORCE keeps both, with lambda = 0.1, the paper's choice: mostly pushing down wrong
+# answers, which the authors found keeps entropy and pass@k up.
 
 
 def weighted_reinforce_advantages(rewards: torch.Tensor, pos_weight: float = 0.1,
                                   neg_weight: float = 1.0) -> torch.Tensor:
     """A_i = pos_weight if r_i = 1, -neg_weight if r_i = 0 (r > 0.5 counts as correct):
     (B,) -> (B,). PSR: (1, 0); NSR: (0, 1); W-REINFORCE: (0.1, 1)."""
-    return torch.where(rewards > 0.5, rewards.new_tensor(pos_weight), rewards.new_tensor(-neg_weight))
+    return torch.where(rewards > 0.5, rewards.new_tensor(pos_weight),
+                       rewards.new_tensor(-neg_weight))
 
 
 # =========================================================================================
@@ -609,12 +618,12 @@ def kl_cov_token_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
 def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor,
                       top_fraction: float = 0.2) -> torch.Tensor:
     """The forking tokens: valid tokens whose entropy is at least the (1 - top_fraction)
-    quantile (linear interpolation, torch.quantile) of the batch's valid entropies:
+    quantile (linear interpolation, the helper quantile) of the batch's valid entropies:
     (B, T) -> (B, T) bool. top_fraction 1 keeps every valid token."""
     valid = mask > 0
     if not valid.any():
         return valid
-    threshold = torch.quantile(entropy[valid].float(), 1.0 - top_fraction)
+    threshold = quantile(entropy[valid].float(), 1.0 - top_fraction)
     return valid & (entropy >= threshold)
 
 
@@ -642,46 +651,13 @@ def adaptive_entropy_coef(coef: float, entropy: float, target: float = 0.2,
 
 # =========================================================================================
 # 7. One RL step: the algorithm, top to bottom
-# rl_step() is GRPO with the shaping of [A] and the token weights of [B], and nothing else:
+# rl_step() is GRPO with the shaping of [A], the token weights of [B] and the field's
+# controls, and nothing else:
 #   sample G responses per prompt (3) -> reward them (2) -> old log-probs and entropy, no
 #   grad (4) -> advantages A_i, shaped (5) -> clipped-loss updates over mini-batches (6).
-# Evaluation, logging, checkpoints and signals live in the training loop (section 9).
+# Its settings are the plain values of `args` (Args, section 14). Evaluation, logging,
+# checkpoints and signals live in the training loop (section 9).
 # =========================================================================================
-
-
-@dataclass
-class StepConfig:
-    """The plain values one RL step needs; each is the flag of the same name."""
-    method: str = "grpo"
-    group_size: int = 8
-    max_new_tokens: int = 48
-    temperature: float = 1.0
-    top_p: float = 1.0
-    instruction: str = ""
-    no_std_scaling: bool = False
-    ppl_alpha: float = 0.01
-    pos_alpha: float = 0.1
-    pos_k: float = 15.0
-    neg_weight: float = 1.0
-    advantage_estimator: str = "grpo"  # or "reinforce": W-REINFORCE / PSR / NSR
-    reinforce_pos: float = 0.1
-    reinforce_neg: float = 1.0
-    forking_top: float = 1.0  # 1: every token keeps its loss
-    clip_cov: bool = False
-    clip_cov_ratio: float = 2e-4
-    clip_cov_low: float = 1.0
-    clip_cov_high: float = 5.0
-    kl_cov: bool = False  # replaces the PPO clip
-    kl_cov_ratio: float = 2e-4
-    kl_cov_coef: float = 1.0
-    clip_low: float = 0.2
-    clip_high: float = 0.28
-    loss_agg: str = "token-mean"
-    updates_per_batch: int = 1
-    mini_batches: int = 1
-    micro_batch_size: int = 0  # rows per forward pass; 0 = the whole mini-batch
-    max_grad_norm: float = 1.0
-    bf16: bool = False
 
 
 def length_grouped(rows: torch.Tensor, lengths: torch.Tensor, size: int) -> list[torch.Tensor]:
@@ -692,7 +668,8 @@ def length_grouped(rows: torch.Tensor, lengths: torch.Tensor, size: int) -> list
     return list(rows[lengths[rows].argsort(descending=True, stable=True)].split(size))
 
 
-def trimmed_rows(rollout: dict, idx: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+def trimmed_rows(rollout: dict, idx: torch.Tensor,
+                 length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """input_ids and attention_mask of rows `idx`, cut after `length` completion tokens.
     Exact: the cut positions are padding after EOS, and a causal model never looks ahead."""
     end = rollout["input_ids"].shape[1] - rollout["completion_ids"].shape[1] + length
@@ -719,78 +696,93 @@ def old_policy_stats(model, rollout: dict, temperature: float, micro_batch_size:
     (B, T), (B, T); 0 after each EOS. with_top: also (B, T) bool, whether the sampled token
     was the policy's most likely one. Uses micro_batch_logits, token_logprobs, token_entropy."""
     comp, mask = rollout["completion_ids"], rollout["completion_mask"]
-    logps = ents = tops = None
-    for idx, n, logits in micro_batch_logits(model, rollout, torch.arange(len(comp), device=comp.device),
-                                             micro_batch_size, bf16):
-        lp, h = token_logprobs(logits, comp[idx, :n], temperature), token_entropy(logits, temperature)
-        if logps is None:
-            logps, ents, tops = lp.new_zeros(mask.shape), h.new_zeros(mask.shape), torch.zeros_like(mask, dtype=torch.bool)
-        logps[idx, :n], ents[idx, :n] = lp, h
+    logps, ents = torch.zeros_like(mask), torch.zeros_like(mask)
+    tops = torch.zeros_like(mask, dtype=torch.bool)
+    rows = torch.arange(len(comp), device=comp.device)
+    for idx, n, logits in micro_batch_logits(model, rollout, rows, micro_batch_size, bf16):
+        logps[idx, :n] = token_logprobs(logits, comp[idx, :n], temperature)
+        ents[idx, :n] = token_entropy(logits, temperature)
         if with_top:  # a full-vocabulary argmax: only when asked for
             tops[idx, :n] = logits.argmax(-1) == comp[idx, :n]
     return (logps, ents, tops) if with_top else (logps, ents)
 
 
-def policy_update(model, optimizer, rollout: dict, old_logp: torch.Tensor, advantages: torch.Tensor,
-                  token_weights: torch.Tensor, cfg: StepConfig, n_passes: int,
-                  kl_picked: torch.Tensor | None = None, entropy_coef: float = 0.0) -> dict:
-    """n_passes (updates_per_batch) passes, each over `mini_batches` random mini-batches;
-    one optimizer step per mini-batch, its gradient accumulated over micro-batches with the
-    mini-batch's own denominators (aggregate_loss). Forward: micro_batch_logits, then
-    token_logprobs; loss of token t: w_t * L_t, L_t from clipped_token_loss (kl_cov_token_loss,
-    given KL-Cov's kl_picked), minus entropy_coef x trainable_entropy aggregated alike (the
-    bonus). An update whose loss is not finite is skipped, never written into the weights.
-    Returns mean loss, clip fractions and approx KL (clip_stats), grad norms, counts."""
+def mini_batch_gradient(model, rollout: dict, targets: dict, rows: torch.Tensor, args: Args, *,
+                        entropy_coef: float = 0.0) -> tuple[float | None, list[dict]]:
+    """loss.backward() over the micro-batches of one mini-batch `rows` (micro_batch_logits,
+    token_logprobs). Token t's loss is w_t L_t, L_t from clipped_token_loss (from
+    kl_cov_token_loss given KL-Cov's picks), minus entropy_coef x trainable_entropy (the
+    bonus). Each micro-batch's loss is divided by the whole mini-batch's token and row counts
+    (aggregate_loss), so the accumulated gradient is the mini-batch's. `targets` holds the
+    batch's (B, T) old_logp, advantages, token_weights and kl_picked (or None). Returns (the
+    loss, None at the first non-finite one; each micro-batch's clip_stats times its share of
+    the tokens of all the updates planned for this batch)."""
     mask, comp = rollout["completion_mask"], rollout["completion_ids"]
-    B = mask.shape[0]
-    passes = cfg.updates_per_batch * cfg.mini_batches  # optimizer steps planned: stats are their mean
+    n_tokens, n_seqs = mask[rows].sum(), float(len(rows))
+    planned = args.updates_per_batch * args.mini_batches  # the stats are the mean over these
+    loss_sum, clip = 0.0, []
+    for idx, n, logits in micro_batch_logits(model, rollout, rows, args.micro_batch_size,
+                                             args.bf16):
+        logp = token_logprobs(logits, comp[idx, :n], args.temperature)
+        old, adv, m = targets["old_logp"][idx, :n], targets["advantages"][idx, :n], mask[idx, :n]
+        if targets["kl_picked"] is None:
+            token_loss, ratio = clipped_token_loss(logp, old, adv, args.clip_low, args.clip_high)
+        else:
+            token_loss, ratio = kl_cov_token_loss(logp, old, adv, targets["kl_picked"][idx, :n],
+                                                  args.kl_cov_coef)
+        weighted = token_loss * targets["token_weights"][idx, :n]
+        loss = aggregate_loss(weighted, m, args.loss_agg, n_tokens, n_seqs)
+        if entropy_coef:  # the bonus pushes every token's entropy up
+            entropy = trainable_entropy(logits, args.temperature)
+            loss = loss - entropy_coef * aggregate_loss(entropy, m, args.loss_agg, n_tokens,
+                                                        n_seqs)
+        if not torch.isfinite(loss):
+            return None, clip
+        loss.backward()
+        loss_sum += loss.item()
+        share = m.sum().item() / max(n_tokens.item(), 1) / planned
+        stats = clip_stats(ratio, adv, m, args.clip_low, args.clip_high)
+        clip.append({key: v * share for key, v in stats.items()})
+    return loss_sum, clip
+
+
+def policy_update(model, optimizer, rollout: dict, targets: dict, args: Args, *,
+                  n_passes: int = 1, entropy_coef: float = 0.0) -> dict:
+    """n_passes passes over the rows to train (targets["rows"]), each cut into
+    args.mini_batches random mini-batches: one optimizer step per mini-batch, on the gradient
+    that mini_batch_gradient accumulates, clipped to max_grad_norm. An update whose loss is
+    not finite is skipped, never written into the weights. Returns the mean loss, clip
+    fractions and approx KL (clip_stats), the mean grad norm and the counts."""
     stats = {"loss": 0.0, "clip_frac_low": 0.0, "clip_frac_high": 0.0, "approx_kl": 0.0}
-    grad_norms, skipped, optimizer_s = [], 0, 0.0
+    grad_norms, skipped, optimizer_s, rows = [], 0, 0.0, targets["rows"]
     model.train()
     for _ in range(n_passes):
-        for mini_batch in torch.randperm(B, device=mask.device).chunk(cfg.mini_batches):
-            n_tokens, n_seqs = mask[mini_batch].sum(), float(len(mini_batch))
+        for mini_batch in rows[torch.randperm(len(rows), device=rows.device)].chunk(
+                args.mini_batches):
             optimizer.zero_grad(set_to_none=True)
-            loss_sum, finite = 0.0, True
-            for idx, n, logits in micro_batch_logits(model, rollout, mini_batch, cfg.micro_batch_size, cfg.bf16):
-                logp = token_logprobs(logits, comp[idx, :n], cfg.temperature)
-                adv, m = advantages[idx, :n], mask[idx, :n]
-                if kl_picked is None:
-                    token_loss, ratio = clipped_token_loss(logp, old_logp[idx, :n], adv,
-                                                           cfg.clip_low, cfg.clip_high)
-                else:
-                    token_loss, ratio = kl_cov_token_loss(logp, old_logp[idx, :n], adv,
-                                                          kl_picked[idx, :n], cfg.kl_cov_coef)
-                loss = aggregate_loss(token_loss * token_weights[idx, :n], m, cfg.loss_agg,
-                                      n_tokens, n_seqs)
-                if entropy_coef:  # the bonus pushes every token's entropy up
-                    loss = loss - entropy_coef * aggregate_loss(
-                        trainable_entropy(logits, cfg.temperature), m, cfg.loss_agg, n_tokens, n_seqs)
-                if not torch.isfinite(loss):
-                    finite = False
-                    break
-                loss.backward()
-                loss_sum += loss.item()
-                tokens_share = m.sum().item() / max(n_tokens.item(), 1) / passes
-                for key, v in clip_stats(ratio, adv, m, cfg.clip_low, cfg.clip_high).items():
-                    stats[key] += v * tokens_share
-            if not finite:
+            loss, clip = mini_batch_gradient(model, rollout, targets, mini_batch, args,
+                                             entropy_coef=entropy_coef)
+            for part in clip:
+                for key, v in part.items():
+                    stats[key] += v
+            if loss is None:
                 skipped += 1
                 optimizer.zero_grad(set_to_none=True)
                 continue
             tic = time.perf_counter()
-            grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm).item())
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            grad_norms.append(norm.item())
             optimizer.step()
             optimizer_s += time.perf_counter() - tic
-            stats["loss"] += loss_sum
+            stats["loss"] += loss
     stats["loss"] /= max(len(grad_norms), 1)
     return {**stats, "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else None,
             "n_updates": len(grad_norms), "skipped_updates": skipped, "optimizer_s": optimizer_s}
 
 
-def rl_step(model, tokenizer, optimizer, questions: list[str], golds: list[str], cfg: StepConfig,
+def rl_step(model, tokenizer, optimizer, questions: list[str], golds: list[str], args: Args, *,
             reward_fn=math_reward, eos_ids: list[int] | None = None, pos_weight: float = 1.0,
-            shaping: bool = False, now=time.perf_counter, entropy_coef: float = 0.0) -> dict:
+            shaping: bool = False, entropy_coef: float = 0.0, now=time.perf_counter) -> dict:
     """One step of RL on len(questions) prompts x G responses (B rows). `pos_weight` is
     lambda of [B] (posneg); `shaping` turns on [A]'s ppl / position shaping this step;
     `entropy_coef` is the entropy bonus alpha. In order: sample_responses, reward_fn,
@@ -799,63 +791,71 @@ def rl_step(model, tokenizer, optimizer, questions: list[str], golds: list[str],
     picks (high_entropy_mask, token_covariance, clip_cov_mask, kl_cov_mask), policy_update.
     Returns the step's tensors (rollout, rewards (B,), old_logp, entropy (B, T), log_ppl
     (B,), advantages (B, T), ...), the policy_update stats, and seconds per phase."""
-    device, G = next(model.parameters()).device, cfg.group_size
-    t = [now()]
+    device, G = next(model.parameters()).device, args.group_size
+    clock = [now()]
     # rollouts (section 3): G samples per prompt from pi_old, rows g*G .. g*G+G-1
-    rollout, texts = sample_responses(model, tokenizer, questions, G, cfg.max_new_tokens,
-                                      cfg.temperature, cfg.top_p, False, cfg.instruction,
-                                      eos_ids, cfg.bf16)
+    rollout, texts = sample_responses(
+        model, tokenizer, questions, G, args.max_new_tokens, temperature=args.temperature,
+        top_p=args.top_p, instruction=args.instruction, eos_ids=eos_ids, bf16=args.bf16)
     mask = rollout["completion_mask"]
-    t.append(now())
+    clock.append(now())
     # verifiable rewards (section 2); a NaN reward must not reach the weights
-    rewards = torch.tensor([reward_fn(t, g) for t, g in zip(texts, [g for g in golds for _ in range(G)])],
-                           device=device)
+    row_golds = [g for g in golds for _ in range(G)]
+    rewards = torch.tensor([reward_fn(text, g) for text, g in zip(texts, row_golds)], device=device)
     rewards_ok = bool(torch.isfinite(rewards).all())
     rewards = torch.nan_to_num(rewards, nan=0.0, posinf=0.0, neginf=0.0)
-    t.append(now())
+    clock.append(now())
     # log pi_old, entropy and log-PPL under the sampling policy (section 4)
-    old_logp, entropy, is_top = old_policy_stats(model, rollout, cfg.temperature,
-                                                 cfg.micro_batch_size, cfg.bf16, with_top=True)
+    old_logp, entropy, is_top = old_policy_stats(model, rollout, args.temperature,
+                                                 args.micro_batch_size, args.bf16, with_top=True)
     log_ppl = sequence_log_ppl(old_logp, mask)
-    t.append(now())
+    clock.append(now())
     # advantages (section 5): GRPO's A_i for every token of response i, then [A]'s shaping
-    adv_seq, zero_var = grpo_advantages(rewards, G, not cfg.no_std_scaling)
-    if cfg.advantage_estimator == "reinforce":  # no baseline: lambda if right, -1 if wrong
-        adv_seq = weighted_reinforce_advantages(rewards, cfg.reinforce_pos, cfg.reinforce_neg)
+    adv_seq, zero_var = grpo_advantages(rewards, G, not args.no_std_scaling)
+    rows = torch.arange(len(rewards), device=device)  # the rows the update trains on
+    if args.advantage_estimator == "reinforce":  # no baseline: lambda if right, -1 if wrong
+        adv_seq = weighted_reinforce_advantages(rewards, args.reinforce_pos, args.reinforce_neg)
+        rows = rows[adv_seq != 0]  # PSR / NSR: the rows with A = 0 leave the batch
     advantages = adv_seq[:, None] * mask
     ppl_weight = torch.ones_like(adv_seq)
-    if shaping and cfg.method == "ppl":  # A'_{i,t} = A_{i,t} clamp(1 - alpha z_i, 0.8, 1.2)
-        ppl_weight = ppl_weights(log_ppl, G, cfg.ppl_alpha)
+    if shaping and args.method == "ppl":  # A'_{i,t} = A_{i,t} clamp(1 - alpha z_i, 0.8, 1.2)
+        ppl_weight = ppl_weights(log_ppl, G, args.ppl_alpha)
         advantages = advantages * ppl_weight[:, None]
-    if shaping and cfg.method == "position":  # A' = A + sign(A) min(alpha sigmoid(k (p - .5)), |A|/2)
-        advantages = position_shaped_advantages(advantages, mask, cfg.pos_alpha, cfg.pos_k)
+    if shaping and args.method == "position":  # A' = A + sign(A) min(alpha s(k(p - .5)), |A|/2)
+        advantages = position_shaped_advantages(advantages, mask, args.pos_alpha, args.pos_k)
     token_weights = torch.ones_like(advantages)
-    if cfg.method == "posneg":  # [B]: w = lambda where A > 0, neg_weight where A < 0
-        token_weights = posneg_token_weights(advantages, pos_weight, cfg.neg_weight)
-    # the field's controls, each picked once over the whole batch (section 6)
+    if args.method == "posneg":  # [B]: w = lambda where A > 0, neg_weight where A < 0
+        token_weights = posneg_token_weights(advantages, pos_weight, args.neg_weight)
+    # the field's controls, each picked once over the trained rows of the batch (section 6)
     picked, kl_picked = {}, None  # the tokens each control acts on, for the metrics row
-    if cfg.forking_top < 1:  # loss on the batch's top-rho entropy tokens only
-        picked["forking"] = high_entropy_mask(entropy, mask, cfg.forking_top)
+    trained = mask if len(rows) == len(mask) else mask * torch.isin(
+        torch.arange(len(mask), device=device), rows)[:, None]
+    if args.forking_top < 1:  # loss on the batch's top-rho entropy tokens only
+        picked["forking"] = high_entropy_mask(entropy, trained, args.forking_top)
         token_weights = token_weights * picked["forking"]
-    if cfg.clip_cov or cfg.kl_cov:
-        cov = token_covariance(old_logp, advantages, mask)
-        if cfg.clip_cov:  # Clip-Cov: a few high-covariance tokens lose their gradient
-            picked["clip_cov"] = clip_cov_mask(cov, mask, cfg.clip_cov_ratio, cfg.clip_cov_low,
-                                               cfg.clip_cov_high)
+    if args.clip_cov or args.kl_cov:
+        cov = token_covariance(old_logp, advantages, trained)
+        if args.clip_cov:  # Clip-Cov: a few high-covariance tokens lose their gradient
+            picked["clip_cov"] = clip_cov_mask(cov, trained, args.clip_cov_ratio,
+                                               args.clip_cov_low, args.clip_cov_high)
             token_weights = token_weights * ~picked["clip_cov"]
-        if cfg.kl_cov:  # KL-Cov: the top ones get |log pi - log pi_old| in their loss
-            kl_picked = picked["kl_cov"] = kl_cov_mask(cov, mask, cfg.kl_cov_ratio)
+        if args.kl_cov:  # KL-Cov: the top ones get |log pi - log pi_old| in their loss
+            kl_picked = picked["kl_cov"] = kl_cov_mask(cov, trained, args.kl_cov_ratio)
     # clipped-loss updates (section 6); none at all when a reward was not finite
-    update = policy_update(model, optimizer, rollout, old_logp, advantages, token_weights, cfg,
-                           cfg.updates_per_batch if rewards_ok else 0, kl_picked, entropy_coef)
+    targets = {"old_logp": old_logp, "advantages": advantages, "token_weights": token_weights,
+               "kl_picked": kl_picked, "rows": rows}
+    update = policy_update(model, optimizer, rollout, targets, args, entropy_coef=entropy_coef,
+                           n_passes=args.updates_per_batch if rewards_ok and len(rows) else 0)
     update["skipped_updates"] += not rewards_ok
-    t.append(now())
-    phases = {"rollout": t[1] - t[0], "reward": t[2] - t[1], "old_logp": t[3] - t[2],
-              "optimizer": update["optimizer_s"], "loss_backward": t[4] - t[3] - update["optimizer_s"]}
+    clock.append(now())
+    phases = {"rollout": clock[1] - clock[0], "reward": clock[2] - clock[1],
+              "old_logp": clock[3] - clock[2], "optimizer": update["optimizer_s"],
+              "loss_backward": clock[4] - clock[3] - update["optimizer_s"]}
     return {"rollout": rollout, "texts": texts, "rewards": rewards, "rewards_ok": rewards_ok,
-            "old_logp": old_logp, "entropy": entropy, "is_top": is_top, "log_ppl": log_ppl, "zero_var": zero_var,
-            "advantages": advantages, "ppl_weight": ppl_weight, "token_weights": token_weights,
-            "picked": picked, "shaping": shaping, "update": update, "phases": phases}
+            "old_logp": old_logp, "entropy": entropy, "is_top": is_top, "log_ppl": log_ppl,
+            "zero_var": zero_var, "advantages": advantages, "ppl_weight": ppl_weight,
+            "token_weights": token_weights, "picked": picked, "shaping": shaping,
+            "update": update, "phases": phases}
 
 
 # =========================================================================================
@@ -867,11 +867,11 @@ def rl_step(model, tokenizer, optimizer, questions: list[str], golds: list[str],
 
 
 @torch.no_grad()
-def eval_outcomes(model, tokenizer, problems: list[dict], k: int, max_new_tokens: int,
+def eval_outcomes(model, tokenizer, problems: list[dict], k: int, max_new_tokens: int, *,
                   instruction: str = "", reward_fn=math_reward, batch_size: int = 256,
                   bf16: bool = False, eos_ids: list[int] | None = None, greedy: bool = False,
-                  temperature: float = 1.0, top_p: float = 1.0,
-                  confidences: list | None = None, micro_batch_size: int = 8) -> list[list[float]]:
+                  temperature: float = 1.0, top_p: float = 1.0, confidences: list | None = None,
+                  micro_batch_size: int = 8) -> list[list[float]]:
     """1.0 / 0.0 (solved or not) for k responses to each problem: one list of k per problem.
     Responses come from sample_responses, batch_size at a time. With a `confidences` list,
     each response's answer_confidence is appended to it (one extra forward pass, at T = 1
@@ -881,11 +881,14 @@ def eval_outcomes(model, tokenizer, problems: list[dict], k: int, max_new_tokens
     outcomes = []
     per_batch = max(1, batch_size // k)
     # A transient bar, shown only on a terminal: the training bar and the log stay clean.
-    for i in tqdm(range(0, len(problems), per_batch), desc="eval greedy" if greedy else f"eval {k} samples each",
-                  leave=False, disable=None, dynamic_ncols=True):
+    desc = "eval greedy" if greedy else f"eval {k} samples each"
+    for i in tqdm(range(0, len(problems), per_batch), desc=desc, leave=False, disable=None,
+                  dynamic_ncols=True):
         chunk = problems[i:i + per_batch]
-        rollout, texts = sample_responses(model, tokenizer, [p["question"] for p in chunk], k, max_new_tokens,
-                                    temperature, top_p, greedy, instruction, eos_ids, bf16)
+        rollout, texts = sample_responses(
+            model, tokenizer, [p["question"] for p in chunk], k, max_new_tokens,
+            temperature=temperature, top_p=top_p, greedy=greedy, instruction=instruction,
+            eos_ids=eos_ids, bf16=bf16)
         # solved = reward above 0.5 (a NaN from a broken reward counts as unsolved)
         outcomes += [[float(reward_fn(texts[j * k + g], p["answer"]) > 0.5) for g in range(k)]
                      for j, p in enumerate(chunk)]
@@ -897,7 +900,8 @@ def eval_outcomes(model, tokenizer, problems: list[dict], k: int, max_new_tokens
     return outcomes
 
 
-def evaluate_greedy(model, tokenizer, problems: list[dict], max_new_tokens: int, **eval_kw) -> float:
+def evaluate_greedy(model, tokenizer, problems: list[dict], max_new_tokens: int,
+                    **eval_kw) -> float:
     """Share of the problems whose greedy response earns reward 1. eval_kw: the keywords of
     eval_outcomes (instruction, reward_fn, batch_size, bf16, eos_ids, micro_batch_size)."""
     outcomes = eval_outcomes(model, tokenizer, problems, 1, max_new_tokens, greedy=True, **eval_kw)
@@ -913,7 +917,7 @@ def greedy_calibration(model, tokenizer, problems: list[dict], max_new_tokens: i
     outcomes = eval_outcomes(model, tokenizer, problems, 1, max_new_tokens, greedy=True,
                              confidences=confidences, **eval_kw)
     correct, conf = torch.tensor([o[0] for o in outcomes]), torch.tensor(confidences)
-    return {"accuracy": sum(o[0] for o in outcomes) / max(1, len(problems)),  # as evaluate_greedy
+    return {"accuracy": sum(o[0] for o in outcomes) / max(1, len(problems)),  # = evaluate_greedy
             "ece": expected_calibration_error(conf, correct), "confidence": conf.mean().item()}
 
 
@@ -925,7 +929,8 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def evaluate_sampled(model, tokenizer, problems: list[dict], k: int, temperature: float,
-                     top_p: float, seed: int, max_new_tokens: int, **eval_kw) -> tuple[float, float]:
+                     top_p: float, *, seed: int, max_new_tokens: int,
+                     **eval_kw) -> tuple[float, float]:
     """(avg@k, pass@k) over the problems, k samples each at `temperature` / `top_p` (0.6 /
     0.95 in the released runs of [A]). Sampled under a forked RNG seeded with `seed`: the
     score does not depend on when it is taken, and taking it leaves the training RNG alone."""
@@ -982,13 +987,14 @@ def token_dynamics(model, out: dict, temperature: float, micro_batch_size: int,
     """Re-score the step's batch under the updated policy (no grad, no RNG) and measure what
     moved: token_movement ([A]) and entropy_change_by_quadrant ([B]'s sign rule)."""
     mask = out["rollout"]["completion_mask"]
-    new_logp, new_entropy = old_policy_stats(model, out["rollout"], temperature, micro_batch_size, bf16)
+    new_logp, new_entropy = old_policy_stats(model, out["rollout"], temperature,
+                                             micro_batch_size, bf16)
     return {**token_movement(out["old_logp"], new_logp, out["entropy"], mask, out["log_ppl"]),
             **entropy_change_by_quadrant(out["entropy"], new_entropy, out["advantages"],
                                          out["is_top"], mask)}
 
 
-def entropy_controllers(state: LoopState, args: argparse.Namespace, entropy: float) -> None:
+def entropy_controllers(state: LoopState, args: Args, entropy: float) -> None:
     """After step k, from its batch entropy: [B]'s entropy-guided lambda and Skywork-OR1's
     adaptive bonus (entropy_guided_lambda, adaptive_entropy_coef) set step k+1's values."""
     if args.method == "posneg" and args.lambda_schedule == "entropy":
@@ -1000,40 +1006,75 @@ def entropy_controllers(state: LoopState, args: argparse.Namespace, entropy: flo
             args.entropy_coef_max)
 
 
-def train(args: argparse.Namespace, model, tokenizer, train_set: list[dict],
-          eval_set: list[dict], out_dir: Path, resume: dict | None = None) -> dict:
-    """The RL loop: each step evaluates when due, runs rl_step, logs one metrics row to
-    out_dir/metrics.jsonl, moves lambda and the stage of [A], and saves a checkpoint when
-    due or on SIGINT / SIGTERM. `resume` is a checkpoint's trainer state (section 13).
-    Returns the run's summary."""
-    from tqdm import tqdm
-
-    device = next(model.parameters()).device
-    cfg = StepConfig(**{f.name: getattr(args, f.name) for f in fields(StepConfig)})
-    eos_ids = eos_token_ids(model, tokenizer)
-    reward_fn = reward_function(args.reward, args.last_number_fallback)
-    eval_kw = {"max_new_tokens": args.max_new_tokens, "instruction": args.instruction,
-               "reward_fn": reward_fn, "batch_size": args.eval_batch_size, "bf16": args.bf16,
-               "eos_ids": eos_ids, "micro_batch_size": args.micro_batch_size or 8}
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                                  betas=(0.9, 0.99))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / max(1, args.lr_warmup_steps)))
-    order_rng = random.Random(args.seed)  # data order: reshuffled each epoch over the train set
+def loop_state(args: Args, resume: dict | None, optimizer, scheduler, order_rng: random.Random,
+               metrics_path: Path) -> tuple[LoopState, list[dict], float]:
+    """The state before the loop's first step: fresh, with an empty metrics.jsonl, or
+    restored from a checkpoint's trainer state (restore_training, section 13), with the
+    stage of [A] found again in the rows kept. Returns (state, those rows, the start time)."""
     plateau = args.shape_from == "plateau"  # shaping waits for the detected plateau
     state = LoopState(pos_weight=0.0 if args.lambda_schedule == "entropy" else args.pos_weight,
                       shape_from=args.steps if plateau else args.shape_from,  # lambda_0 = 0 in [B]
                       entropy_coef=args.entropy_coef, entropy_bonus=args.entropy_coef)
-    metrics_path, history, start = out_dir / "metrics.jsonl", [], time.time()
+    history, start = [], time.time()
     if resume is None:
         metrics_path.write_text("")
     else:  # every piece of state back, and the rows past the checkpoint dropped
-        history, start = restore_training(resume, state, optimizer, scheduler, order_rng, metrics_path)
-    state.stage_step = detect_plateau([r["entropy"] for r in history], [r["reward"] for r in history],
-                                      args.stage_window, args.stage_frac, args.stage_patience)
+        history, start = restore_training(resume, state, optimizer, scheduler, order_rng,
+                                          metrics_path)
+    state.stage_step = detect_plateau([r["entropy"] for r in history],
+                                      [r["reward"] for r in history], args.stage_window,
+                                      args.stage_frac, args.stage_patience)
     if plateau:  # shaping starts the step after the detection
         detected = next((r["step"] for r in history if r["stage"] == "plateau"), None)
         state.shape_from = args.steps if detected is None else detected + 1
+    return state, history, start
+
+
+def log_row(row: dict, history: list[dict], state: LoopState, args: Args,
+            metrics_path: Path) -> None:
+    """Find the stage of [A] online (detect_plateau on the rows so far; found under
+    --shape-from plateau, the shaping starts with the next batch), then append the row to
+    metrics.jsonl and to history: on disk before the next step starts."""
+    if state.stage_step is None:
+        state.stage_step = detect_plateau([r["entropy"] for r in history] + [row["entropy"]],
+                                          [r["reward"] for r in history] + [row["reward"]],
+                                          args.stage_window, args.stage_frac,
+                                          args.stage_patience)
+        if state.stage_step is not None and args.shape_from == "plateau":
+            from tqdm import tqdm
+
+            state.shape_from = row["step"] + 1
+            tqdm.write(f"plateau detected at step {row['step']} (transition ~step "
+                       f"{state.stage_step}); shaping from step {row['step'] + 1}")
+    row["stage"] = "rising" if state.stage_step is None else "plateau"
+    row["entropy_coef"] = state.entropy_bonus  # the bonus alpha this step trained with
+    with metrics_path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    history.append(row)
+
+
+def train(args: Args, model, tokenizer, train_set: list[dict], eval_set: list[dict],
+          out_dir: Path, *, resume: dict | None = None) -> dict:
+    """The RL loop. Each step: evaluate when due, rl_step on the next batch, measure what
+    the update moved, log one metrics row, move lambda and the bonus, and save a checkpoint
+    when due or on SIGINT / SIGTERM. `resume`: a checkpoint's trainer state (section 13).
+    Returns the run's summary."""
+    from tqdm import tqdm
+
+    device, eos_ids = next(model.parameters()).device, stop_token_ids(model, tokenizer)
+    reward_fn = reward_function(args.reward, args.last_number_fallback)
+    eval_kw = {"max_new_tokens": args.max_new_tokens, "instruction": args.instruction,
+               "reward_fn": reward_fn, "batch_size": args.eval_batch_size, "bf16": args.bf16,
+               "eos_ids": eos_ids, "micro_batch_size": args.micro_batch_size or 8}
+    sampled_kw = {"k": args.eval_k, "temperature": args.eval_temperature,
+                  "top_p": args.eval_top_p, "seed": args.seed + 1, **eval_kw}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99),
+                                  weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / max(1, args.lr_warmup_steps)))
+    order_rng = random.Random(args.seed)  # data order: reshuffled each epoch over the train set
+    metrics_path = out_dir / "metrics.jsonl"
+    state, history, start = loop_state(args, resume, optimizer, scheduler, order_rng, metrics_path)
 
     def now() -> float:  # CUDA kernels run asynchronously: wait, or phase times are wrong
         if args.profile and device.type == "cuda":
@@ -1045,88 +1086,67 @@ def train(args: argparse.Namespace, model, tokenizer, train_set: list[dict],
     bar = tqdm(range(state.step, args.steps), desc=args.method, dynamic_ncols=True,
                initial=state.step, total=args.steps)
     for step in bar:
-        t0, tic, sampled_eval, calibration = time.time(), now(), (None, None), None
+        t0, tic = time.time(), now()
         if device.type == "cuda":  # peak_mem_mb is this step's peak, printed or not
             torch.cuda.reset_peak_memory_stats(device)
-        if step % args.eval_every == 0:  # the policy that is about to sample this step's batch
-            calibration = greedy_calibration(model, tokenizer, eval_set, **eval_kw)
-            state.accuracy = calibration["accuracy"]
-        if step == 0 and args.eval_k:
-            sampled_eval = evaluate_sampled(model, tokenizer, eval_set, args.eval_k, args.eval_temperature,
-                                            args.eval_top_p, seed=args.seed + 1, **eval_kw)
+        # 1. evaluate the policy that is about to sample this step's batch (section 8)
+        due = step % args.eval_every == 0
+        calibration = greedy_calibration(model, tokenizer, eval_set, **eval_kw) if due else None
+        state.accuracy = calibration["accuracy"] if due else state.accuracy
+        sampled = (evaluate_sampled(model, tokenizer, eval_set, **sampled_kw)
+                   if step == 0 and args.eval_k else (None, None))
         eval_s = now() - tic
+        # 2. one RL step (section 7) on the next batch, with this step's lambda and shaping
         batch = next_batch(train_set, state, order_rng, args.prompts_per_step)
         if args.method == "posneg" and args.lambda_schedule != "entropy":
             state.pos_weight = scheduled_lambda(args.lambda_schedule, step, args.steps,
                                                 args.pos_weight, args.lambda_epochs)
         out = rl_step(model, tokenizer, optimizer, [p["question"] for p in batch],
-                      [p["answer"] for p in batch], cfg, reward_fn, eos_ids, state.pos_weight,
-                      shaping_active(args.method, step, state.shape_from, args.shape_until), now,
-                      state.entropy_bonus)
+                      [p["answer"] for p in batch], args, reward_fn=reward_fn, eos_ids=eos_ids,
+                      pos_weight=state.pos_weight, entropy_coef=state.entropy_bonus, now=now,
+                      shaping=shaping_active(args.method, step, state.shape_from,
+                                             args.shape_until))
+        # 3. what the update moved, re-scored under the new policy (section 10)
         movement, tic = None, now()
-        if args.token_dynamics_every and step % args.token_dynamics_every == 0:  # what moved
-            movement = token_dynamics(model, out, args.temperature, args.micro_batch_size, args.bf16)
+        if args.token_dynamics_every and step % args.token_dynamics_every == 0:
+            movement = token_dynamics(model, out, args.temperature, args.micro_batch_size,
+                                      args.bf16)
         out["phases"]["token_dynamics"] = now() - tic
         scheduler.step()
         state.nonfinite_skips += out["update"]["skipped_updates"]
         if out["update"]["skipped_updates"]:
             tqdm.write(f"warning: non-finite {'loss' if out['rewards_ok'] else 'reward'} at "
                        f"step {step}; {out['update']['skipped_updates']} update(s) skipped")
-        row = metrics_row(step, out, state.accuracy if step % args.eval_every == 0 else None,
-                          sampled_eval, state.pos_weight if args.method == "posneg" else None,
-                          scheduler.get_last_lr()[0], state.nonfinite_skips, eval_s, device,
-                          time.time() - t0, time.time() - start, args.group_size, calibration,
-                          movement)
-        if state.stage_step is None:  # online: only the rows logged so far
-            state.stage_step = detect_plateau([r["entropy"] for r in history] + [row["entropy"]],
-                                              [r["reward"] for r in history] + [row["reward"]],
-                                              args.stage_window, args.stage_frac, args.stage_patience)
-            if state.stage_step is not None and plateau:
-                state.shape_from = step + 1  # shaping starts with the next batch
-                tqdm.write(f"plateau detected at step {step} (transition ~step "
-                           f"{state.stage_step}); shaping from step {step + 1}")
-        row["stage"] = "rising" if state.stage_step is None else "plateau"
-        row["entropy_coef"] = state.entropy_bonus  # the bonus alpha this step trained with
-        with metrics_path.open("a") as f:  # the row is on disk before the next step starts
-            f.write(json.dumps(row) + "\n")
-        history.append(row)
+        # 4. one metrics row (section 10) and the stage of [A]
+        loop = {"accuracy": state.accuracy if due else None, "sampled": sampled,
+                "pos_weight": state.pos_weight if args.method == "posneg" else None,
+                "lr": scheduler.get_last_lr()[0], "nonfinite_skips": state.nonfinite_skips,
+                "eval_s": eval_s, "device": device, "step_time": time.time() - t0,
+                "time": time.time() - start, "calibration": calibration, "movement": movement}
+        row = metrics_row(step, out, loop, args.group_size)
+        log_row(row, history, state, args, metrics_path)
         bar.set_postfix({"reward": f"{row['reward']:.2f}", "acc": f"{state.accuracy:.2f}",
                          "H": f"{row['entropy']:.3f}", "stage": row["stage"],
-                         **({"pos_weight": f"{state.pos_weight:.2f}"} if args.method == "posneg" else {})})
+                         **({"lambda": f"{state.pos_weight:.2f}"} if loop["pos_weight"] else {})})
         if args.profile:
             tqdm.write(format_profile(step, row["profile"]))
+        # 5. the controllers set the next step's lambda and bonus; a checkpoint when due
         entropy_controllers(state, args, row["entropy"])
         state.step = step + 1
         if stop["signum"] is not None or (args.save_every and state.step % args.save_every == 0):
-            save_checkpoint(out_dir, model, tokenizer,
-                            checkpoint_state(state, optimizer, scheduler, order_rng, time.time() - start))
+            save_checkpoint(out_dir, model, tokenizer, checkpoint_state(
+                state, optimizer, scheduler, order_rng, time.time() - start))
         if stop["signum"] is not None:
             bar.close()
-            restore_signal_handlers(previous_handlers)
-            print(f"stopped by {signal.Signals(stop['signum']).name} after step {step}; checkpoint "
-                  f"saved in {out_dir / 'checkpoint'}. Resume with the same command plus --resume")
-            raise SystemExit(128 + stop["signum"])
+            stop_after_signal(stop["signum"], step, out_dir, previous_handlers)
     restore_signal_handlers(previous_handlers)
-    final_calibration = greedy_calibration(model, tokenizer, eval_set, **eval_kw)
-    final_sampled = (evaluate_sampled(model, tokenizer, eval_set, args.eval_k, args.eval_temperature,
-                                      args.eval_top_p, seed=args.seed + 1, **eval_kw)
-                     if args.eval_k else (None, None))
-    summary = run_summary(args, history, final_calibration, final_sampled, state.stage_step,
-                          state.nonfinite_skips, time.time() - start)
+    final = greedy_calibration(model, tokenizer, eval_set, **eval_kw)
+    final_sampled = (evaluate_sampled(model, tokenizer, eval_set, **sampled_kw) if args.eval_k
+                     else (None, None))
+    summary = run_summary(args, history, state, final, final_sampled, time.time() - start)
     if args.profile:
         print(format_profile("mean", summary["profile"]))
     return summary
-
-
-def enable_gradient_checkpointing(model) -> None:
-    """Keep only each layer's input in forward and recompute the layer in backward: the
-    activations of a 1.5B model at 8 x 512 tokens no longer all sit in memory at once.
-    Active in train mode only, so generation (eval mode) keeps its KV cache."""
-    kwargs = {"use_reentrant": False}  # the non-reentrant form also works with frozen inputs
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x renamed it
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 # =========================================================================================
@@ -1190,13 +1210,14 @@ def high_entropy_ppl_terciles(entropy: torch.Tensor, mask: torch.Tensor, log_ppl
     responses of low / middle / high perplexity (ppl_tercile).
     (B, T), (B, T), (B,) -> [low, mid, high], summing to 1."""
     valid = mask > 0
-    threshold = torch.quantile(entropy[valid].float(), 1 - top_frac)
-    high = ((entropy >= threshold) & valid).sum(1).float()  # (B,) high-entropy tokens per response
+    threshold = quantile(entropy[valid].float(), 1 - top_frac)
+    high = ((entropy >= threshold) & valid).sum(1).float()  # (B,) high-entropy tokens each
     tercile, total = ppl_tercile(log_ppl), high.sum().clamp(min=1)
     return [(high[tercile == k].sum() / total).item() for k in range(3)]
 
 
-def entropy_by_position(entropy: torch.Tensor, mask: torch.Tensor, bins: int = 10) -> list[float | None]:
+def entropy_by_position(entropy: torch.Tensor, mask: torch.Tensor,
+                        bins: int = 10) -> list[float | None]:
     """Mean token entropy per relative-position bin (position_bin).
     (B, T), (B, T) -> `bins` values (None for an empty bin)."""
     which, out = position_bin(mask, bins), []
@@ -1235,7 +1256,8 @@ def distinct_ngram_ratio(completion_ids: torch.Tensor, mask: torch.Tensor, group
     n-gram. (B, T) ids, (B, T) mask -> a float in (0, 1], or None."""
     ids, lengths, ratios = completion_ids.tolist(), mask.sum(1).long().tolist(), []
     for g in range(0, len(ids), group_size):
-        grams = [tuple(row[t:t + n]) for row, L in zip(ids[g:g + group_size], lengths[g:g + group_size])
+        grams = [tuple(row[t:t + n]) for row, L in zip(ids[g:g + group_size],
+                                                       lengths[g:g + group_size])
                  for t in range(L - n + 1)]
         if grams:
             ratios.append(len(set(grams)) / len(grams))
@@ -1281,7 +1303,7 @@ def answer_confidence(tokenizer, completion_ids: torch.Tensor, mask: torch.Tenso
 
 @torch.no_grad()
 def token_movement(old_logp: torch.Tensor, new_logp: torch.Tensor, entropy: torch.Tensor,
-                   mask: torch.Tensor, log_ppl: torch.Tensor, top_frac: float = 0.2,
+                   mask: torch.Tensor, log_ppl: torch.Tensor, *, top_frac: float = 0.2,
                    still: float = 0.01, bins: int = 10) -> dict:
     """What one step's updates moved, token by token ([A]'s plateau-stage analysis):
       d_t = |log pi_new(o_t) - log pi_old(o_t)|,  M = sum of d_t over valid tokens
@@ -1294,11 +1316,12 @@ def token_movement(old_logp: torch.Tensor, new_logp: torch.Tensor, entropy: torc
     d = torch.where(valid, (new_logp - old_logp).abs(), 0.0)
     total = d.sum().clamp(min=1e-12)
     still_frac = ((new_logp.exp() - old_logp.exp()).abs() < still)[valid].float().mean().item()
-    high = valid & (entropy >= torch.quantile(entropy[valid].float(), 1 - top_frac))
+    high = valid & (entropy >= quantile(entropy[valid].float(), 1 - top_frac))
     per_response, tercile, which = d.sum(1), ppl_tercile(log_ppl), position_bin(mask, bins)
     return {"barely_moved": still_frac,
             "move_high_entropy": (d[high].sum() / total).item(),
-            "move_ppl_terciles": [(per_response[tercile == k].sum() / total).item() for k in range(3)],
+            "move_ppl_terciles": [(per_response[tercile == k].sum() / total).item()
+                                  for k in range(3)],
             "move_by_position": [(d[which == b].sum() / total).item() for b in range(bins)]}
 
 
@@ -1363,23 +1386,22 @@ def peak_memory_mb(device: torch.device) -> float | None:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
 
 
-def metrics_row(step: int, out: dict, accuracy: float | None, sampled_eval: tuple,
-                pos_weight: float | None, lr: float, nonfinite_skips: int, eval_s: float,
-                device: torch.device, step_time: float, elapsed: float, group_size: int,
-                calibration: dict | None = None, movement: dict | None = None) -> dict:
-    """One row of metrics.jsonl from what rl_step returned (`out`), the step's greedy_calibration
-    (None between evaluations) and token_movement (None between its steps); docs/outputs.md
-    lists the fields. Uses masked_mean, high_entropy_ppl_terciles,
-    entropy_by_position, logp_adv_covariance, distinct_answers, distinct_ngram_ratio,
-    shows_work and peak_memory_mb."""
-    rewards, mask, entropy, log_ppl = out["rewards"], out["rollout"]["completion_mask"], out["entropy"], out["log_ppl"]
+def metrics_row(step: int, out: dict, loop: dict, group_size: int) -> dict:
+    """One row of metrics.jsonl (docs/outputs.md lists the fields) from what rl_step
+    returned (`out`) and the loop's values for this step (`loop`: accuracy, sampled (avg@k,
+    pass@k), pos_weight, lr, nonfinite_skips, eval_s, device, step_time, time, the step's
+    greedy_calibration and token_dynamics, each None when not taken). Uses masked_mean,
+    high_entropy_ppl_terciles, entropy_by_position, logp_adv_covariance, distinct_answers,
+    distinct_ngram_ratio, shows_work and peak_memory_mb."""
+    rewards, mask = out["rewards"], out["rollout"]["completion_mask"]
+    entropy, log_ppl, update, phases = out["entropy"], out["log_ppl"], out["update"], out["phases"]
     is_pos = rewards > 0.5
     pos, neg = is_pos[:, None] * mask, ~is_pos[:, None] * mask
-    update, phases = out["update"], out["phases"]
+    calibration, movement = loop["calibration"], loop["movement"]
     return {
         "step": step,
         "reward": rewards.mean().item(),
-        "accuracy": accuracy,
+        "accuracy": loop["accuracy"],
         "entropy": masked_mean(entropy, mask),
         "entropy_pos": masked_mean(entropy, pos),
         "entropy_neg": masked_mean(entropy, neg),
@@ -1389,8 +1411,8 @@ def metrics_row(step: int, out: dict, accuracy: float | None, sampled_eval: tupl
         "high_entropy_ppl_terciles": high_entropy_ppl_terciles(entropy, mask, log_ppl),
         "entropy_by_position": entropy_by_position(entropy, mask),
         "distinct_answers": distinct_answers(out["texts"], group_size),
-        **{f"distinct_{n}": distinct_ngram_ratio(out["rollout"]["completion_ids"], mask, group_size, n)
-           for n in (1, 2, 3)},
+        **{f"distinct_{n}": distinct_ngram_ratio(out["rollout"]["completion_ids"], mask,
+                                                 group_size, n) for n in (1, 2, 3)},
         "ece": calibration and calibration["ece"],
         "confidence": calibration and calibration["confidence"],
         **{k: movement and movement[k] for k in ("barely_moved", "move_high_entropy",
@@ -1405,46 +1427,51 @@ def metrics_row(step: int, out: dict, accuracy: float | None, sampled_eval: tupl
         "ppl_weight_min": out["ppl_weight"].min().item(),
         "ppl_weight_max": out["ppl_weight"].max().item(),
         "adv_abs_mean": masked_mean(out["advantages"].abs(), mask),
-        "pos_weight": pos_weight,
+        "pos_weight": loop["pos_weight"],
         **{f"{c}_frac": (out["picked"][c].sum() / mask.sum().clamp(min=1)).item()
            if c in out["picked"] else None for c in ("forking", "clip_cov", "kl_cov")},
-        "cov_logp_adv": logp_adv_covariance(out["old_logp"], out["advantages"] * out["token_weights"], mask),
-        **{k: update[k] for k in ("loss", "clip_frac_low", "clip_frac_high", "approx_kl", "grad_norm")},
-        "lr": lr,
-        "nonfinite_skips": nonfinite_skips,
-        "avg_at_k": sampled_eval[0],
-        "pass_at_k": sampled_eval[1],
-        "step_time": step_time,
-        "time": elapsed,
-        "profile": {"eval_s": eval_s, **{f"{k}_s": v for k, v in phases.items()},
+        "cov_logp_adv": logp_adv_covariance(out["old_logp"],
+                                            out["advantages"] * out["token_weights"], mask),
+        **{k: update[k] for k in ("loss", "clip_frac_low", "clip_frac_high", "approx_kl",
+                                  "grad_norm")},
+        "lr": loop["lr"],
+        "nonfinite_skips": loop["nonfinite_skips"],
+        "avg_at_k": loop["sampled"][0],
+        "pass_at_k": loop["sampled"][1],
+        "step_time": loop["step_time"],
+        "time": loop["time"],
+        "profile": {"eval_s": loop["eval_s"], **{f"{k}_s": v for k, v in phases.items()},
                     "gen_tokens_per_s": mask.sum().item() / max(phases["rollout"], 1e-9),
-                    "peak_mem_mb": peak_memory_mb(device)},
+                    "peak_mem_mb": peak_memory_mb(loop["device"])},
     }
 
 
-def run_summary(args: argparse.Namespace, history: list[dict], final: dict,
-                final_sampled: tuple, stage_step: int | None, nonfinite_skips: int,
+def run_summary(args: Args, history: list[dict], state, final: dict, final_sampled: tuple,
                 train_time: float) -> dict:
     """summary.json: start and final accuracy and calibration (`final`: greedy_calibration
     after the last step), avg@k / pass@k, entropy over the first and last steps, the stage
-    transition, skips, time, and the mean of each profile field."""
+    transition and skips (from the loop's `state`), time, and the mean of each profile
+    field."""
     def mean_of(key: str, rows: list[dict]) -> float:
         return sum(r[key] for r in rows) / len(rows)
 
-    peaks = [r["profile"]["peak_mem_mb"] for r in history if r["profile"]["peak_mem_mb"] is not None]
+    peaks = [r["profile"]["peak_mem_mb"] for r in history
+             if r["profile"]["peak_mem_mb"] is not None]
+    first = history[0]
     return {
         "method": args.method, "seed": args.seed, "steps": args.steps,
-        "start_accuracy": history[0]["accuracy"], "final_accuracy": final["accuracy"],
-        "start_ece": history[0]["ece"], "final_ece": final["ece"],
-        "start_confidence": history[0]["confidence"], "final_confidence": final["confidence"],
-        "eval_k": args.eval_k, "start_avg_at_k": history[0]["avg_at_k"],
-        "final_avg_at_k": final_sampled[0], "start_pass_at_k": history[0]["pass_at_k"],
+        "start_accuracy": first["accuracy"], "final_accuracy": final["accuracy"],
+        "start_ece": first["ece"], "final_ece": final["ece"],
+        "start_confidence": first["confidence"], "final_confidence": final["confidence"],
+        "eval_k": args.eval_k, "start_avg_at_k": first["avg_at_k"],
+        "final_avg_at_k": final_sampled[0], "start_pass_at_k": first["pass_at_k"],
         "final_pass_at_k": final_sampled[1],
         "entropy_first10": mean_of("entropy", history[:10]),
         "entropy_last10": mean_of("entropy", history[-10:]),
-        "final_entropy": mean_of("entropy", history[-20:]),  # the last 20 steps, as in [B]'s tables
+        "final_entropy": mean_of("entropy", history[-20:]),  # the last 20 steps, as in [B]
         "final_distinct_answers": mean_of("distinct_answers", history[-20:]),
-        "stage_step": stage_step, "nonfinite_skips": nonfinite_skips, "train_time": train_time,
+        "stage_step": state.stage_step, "nonfinite_skips": state.nonfinite_skips,
+        "train_time": train_time,
         "profile": {**{key: mean_of(key, [r["profile"] for r in history])
                        for key in history[-1]["profile"] if key != "peak_mem_mb"},
                     "peak_mem_mb": max(peaks) if peaks else None},
@@ -1633,8 +1660,8 @@ def normalize_answer(s: str) -> str:
     LaTeX fractions and mixed numbers -> 'p/q'; wrappers '(18)', '{18}' removed; thousands
     separators (',', '{,}', '\\,') removed; trailing '.' dropped.
     A number followed only by units or words ('18 dollars', '18 cm^2', '18/hour') -> the
-    number. Anything else -> the string without spaces (but '1 8' keeps its space). Longer than MAX_ANSWER_CHARS:
-    returned as it is (spam, never parsed)."""
+    number. Anything else -> the string without spaces (but '1 8' keeps its space).
+    Longer than MAX_ANSWER_CHARS: returned as it is (spam, never parsed)."""
     if len(s) > MAX_ANSWER_CHARS:
         return s
     s = unicodedata.normalize("NFKC", s).replace("\u2212", "-").replace("\u2013", "-").lower()
@@ -1714,7 +1741,8 @@ def make_arithmetic_problem(rng: random.Random, n_terms: tuple[int, int] = (4, 5
     question, steps = str(value), []
     for _ in range(rng.randint(*n_terms) - 1):
         term = rng.randint(1, max_operand)
-        ops = [op for op, new in (("+", value + term), ("-", value - term)) if 0 <= new <= max_value]
+        ops = [op for op, new in (("+", value + term), ("-", value - term))
+               if 0 <= new <= max_value]
         op = rng.choice(ops)  # never empty when max_value >= 2 * max_operand
         new = value + term if op == "+" else value - term
         question += f"{op}{term}"
@@ -1764,7 +1792,7 @@ def build_char_tokenizer():
 
 
 def build_tiny_model(tokenizer, seed: int):
-    """A randomly initialised Qwen2 of about 0.4M parameters for the char tokenizer."""
+    """A randomly initialised Qwen2 of 191,488 parameters for the char tokenizer."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
@@ -1832,9 +1860,9 @@ def crossing_free_share(problems: list[dict]) -> float:
     return sum(free(p["question"]) for p in problems) / len(problems)
 
 
-def supervised_warmup(model, tokenizer, problems: list[dict], steps: int, batch_size: int,
-                      lr: float, seed: int, slip: float = 0.75,
-                      off_by_one: float = 1 / 3, comma: float = 0.0) -> list[float]:
+def supervised_warmup(model, tokenizer, problems: list[dict], steps: int, *, batch_size: int,
+                      lr: float, seed: int, slip: float = 0.75, off_by_one: float = 1 / 3,
+                      comma: float = 0.0) -> list[float]:
     """Teacher-forced cross-entropy on prompt -> student_solution + EOS (prompt tokens
     masked out of the loss), with a fresh draw of the student's slips every time a problem
     is seen. Returns the loss per step."""
@@ -1868,7 +1896,8 @@ def supervised_warmup(model, tokenizer, problems: list[dict], steps: int, batch_
             attn[i, width - len(a) - len(b):] = 1
         position_ids = (attn.cumsum(1) - 1).clamp(min=0)
         logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids).logits
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                               labels[:, 1:].reshape(-1))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -1879,8 +1908,9 @@ def supervised_warmup(model, tokenizer, problems: list[dict], steps: int, batch_
     return losses
 
 
-def tiny_warm_model(args: argparse.Namespace, train_set: list[dict]):
-    """The tiny model after the supervised warm-up: the shipped weights, else the cache, else trained."""
+def tiny_warm_model(args: Args, train_set: list[dict]):
+    """The tiny model after the supervised warm-up: the shipped weights, else the cache,
+    else trained here (supervised_warmup) and cached."""
     from transformers import AutoModelForCausalLM
 
     tokenizer = build_char_tokenizer()
@@ -1907,9 +1937,10 @@ def tiny_warm_model(args: argparse.Namespace, train_set: list[dict]):
         torch.set_num_threads(args.warmup_threads or DEFAULT_THREADS)
         try:  # RL's thread count comes back even if the warm-up is interrupted
             model = build_tiny_model(tokenizer, args.warmup_seed)
-            losses = supervised_warmup(model, tokenizer, train_set, args.warmup_steps,
-                                       args.warmup_batch_size, args.warmup_lr, args.warmup_seed,
-                                       args.warmup_slip, args.warmup_off_by_one, args.warmup_comma)
+            losses = supervised_warmup(
+                model, tokenizer, train_set, args.warmup_steps, batch_size=args.warmup_batch_size,
+                lr=args.warmup_lr, seed=args.warmup_seed, slip=args.warmup_slip,
+                off_by_one=args.warmup_off_by_one, comma=args.warmup_comma)
         finally:
             torch.set_num_threads(rl_threads)
         print(f"warm-up: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
@@ -2008,6 +2039,15 @@ def restore_signal_handlers(previous: dict) -> None:
     for s, h in previous.items():
         signal.signal(s, h)
 
+
+def stop_after_signal(signum: int, step: int, out_dir: Path, previous: dict) -> None:
+    """After the checkpoint that a SIGINT / SIGTERM asked for: say how to resume, and exit."""
+    restore_signal_handlers(previous)
+    print(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint saved in "
+          f"{out_dir / 'checkpoint'}. Resume with the same command plus --resume")
+    raise SystemExit(128 + signum)
+
+
 def checkpoint_state(state, optimizer, scheduler, order_rng: random.Random, elapsed: float) -> dict:
     """trainer_state.pt: the loop's state (LoopState) plus optimizer, LR scheduler, the data
     order's RNG, every other RNG, and the seconds trained so far."""
@@ -2025,7 +2065,7 @@ def restore_training(resume: dict, state, optimizer, scheduler, order_rng: rando
     order_rng.setstate(resume["order_rng"])
     state.step, state.order = resume["step"], resume["order"]
     state.nonfinite_skips, state.accuracy = resume["nonfinite_skips"], resume["accuracy"]
-    state.pos_weight = resume["pos_weight"] if "pos_weight" in resume else resume["lam"]  # older name
+    state.pos_weight = resume["pos_weight"] if "pos_weight" in resume else resume["lam"]
     state.entropy_coef = resume.get("entropy_coef", state.entropy_coef)
     state.entropy_bonus = resume.get("entropy_bonus", state.entropy_bonus)
     history = truncate_metrics(metrics_path, state.step)
@@ -2034,458 +2074,20 @@ def restore_training(resume: dict, state, optimizer, scheduler, order_rng: rando
 
 
 # =========================================================================================
-# 14. Plots and method comparison (reads run folders; not needed to train)
-#   plot RUN_DIR ... -o fig.png       curves of one or more runs on shared axes
-#   compare --methods a,b --seeds N   runs each method on the same seeds, then tables them
+# 14. Settings and the command line
+# Every setting is declared once, as a field of Args: its default (the tiny preset's), help,
+# valid range and whether --resume must match it. The flags, the range checks, the
+# resume check and what rl_step reads all come from these fields; a preset is a dict of
+# overrides. Ranges are intervals: '[0, 1)' allows 0 and not 1; NaN and inf never pass.
 # =========================================================================================
 
 
-def read_run(run_dir: Path) -> dict:
-    """A run folder as plain data: its args, metrics rows and (if finished) summary."""
-    metrics = run_dir / "metrics.jsonl"
-    if not run_dir.is_dir():
-        raise SystemExit(f"error: run folder {run_dir} "
-                         f"{'is not a folder' if run_dir.exists() else 'does not exist'}")
-    if not metrics.is_file():
-        raise SystemExit(f"error: {run_dir} is not a run folder (no metrics.jsonl)")
-    rows = read_metrics(metrics)
-    if not rows:
-        raise SystemExit(f"error: {metrics} has no complete rows yet")
-    args = read_args_json(run_dir) or {}
-    summary = run_dir / "summary.json"
-    stage = detect_plateau([r["entropy"] for r in rows], [r["reward"] for r in rows],
-                           args.get("stage_window", 10), args.get("stage_frac", 0.25),
-                           args.get("stage_patience", 5))
-    return {"dir": run_dir, "args": args, "rows": rows, "stage_step": stage,
-            "summary": json.loads(summary.read_text()) if summary.exists() else None}
-
-
-def moving_average(values: list[float | None], window: int = 5) -> list[float | None]:
-    """Trailing mean over the last `window` non-missing values (None stays None)."""
-    out, seen = [], []
-    for v in values:
-        if v is not None:
-            seen.append(v)
-        out.append(sum(seen[-window:]) / len(seen[-window:]) if v is not None else None)
-    return out
-
-
-def save_figure(fig, out_path: Path) -> Path:
-    """Write a matplotlib figure as PNG (one sentence if it cannot be written), then close it."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    try:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out_path, dpi=110)
-    except OSError as e:
-        raise SystemExit(f"error: cannot write the figure {out_path} ({e.strerror})") from None
-    finally:
-        plt.close(fig)
-    return out_path
-
-
-def plot_runs(run_dirs: list[Path], out_path: Path, smooth: int = 5,
-              labels: dict | None = None) -> Path:
-    """Draw reward/accuracy, entropy, positive vs negative entropy and the position profile
-    of each run, one colour per method (or per labels[str(run_dir)]), a dotted line at each
-    run's stage transition."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise SystemExit("error: plotting needs matplotlib: pip install matplotlib") from None
-    matplotlib.use("Agg")  # files only: works without a display
-    import matplotlib.pyplot as plt
-
-    runs = [read_run(Path(d)) for d in run_dirs]
-    for run in runs:
-        run["label"] = (labels or {}).get(str(run["dir"])) or run["args"].get("method", "?")
-    methods = list(dict.fromkeys(r["label"] for r in runs))
-    palette = [f"C{i}" for i in range(10)] if len(methods) <= 10 else plt.get_cmap("tab20").colors
-    colour = {m: palette[i % len(palette)] for i, m in enumerate(methods)}
-    fig, ax = plt.subplots(3, 4, figsize=(24, 12.5))
-    labelled = set()
-    for run in runs:
-        rows, method = run["rows"], run["label"]
-        c = colour[method]
-        label = method if method not in labelled else None
-        labelled.add(method)
-        steps = [r["step"] for r in rows]
-        ax[0, 0].plot(steps, moving_average([r["reward"] for r in rows], smooth), c=c, lw=1,
-                      label=label and f"{label}: train reward")
-        acc = [(r["step"], r["accuracy"]) for r in rows if r["accuracy"] is not None]
-        if run["summary"] is not None:
-            acc.append((rows[-1]["step"] + 1, run["summary"]["final_accuracy"]))
-        ax[0, 0].plot(*zip(*acc), c=c, ls="--", marker="o", ms=3, lw=1,
-                      label=label and f"{label}: held-out greedy acc")
-        ax[0, 1].plot(steps, moving_average([r["entropy"] for r in rows], smooth), c=c, lw=1,
-                      label=label)
-        ax[1, 0].plot(steps, moving_average([r["entropy_pos"] for r in rows], smooth), c=c, lw=1,
-                      label=label and f"{label}: positive (r=1)")
-        ax[1, 0].plot(steps, moving_average([r["entropy_neg"] for r in rows], smooth), c=c,
-                      lw=1, ls="--", label=label and f"{label}: negative (r=0)")
-        if run["stage_step"] is not None:
-            for a in (ax[0, 0], ax[0, 1], ax[1, 0]):
-                a.axvline(run["stage_step"], c=c, ls=":", lw=1)
-        if method in ("ppl", "position") and label and run["args"].get("shape_from") != "plateau":
-            lo, hi = run["args"].get("shape_from"), run["args"].get("shape_until")
-            if lo is not None and hi is not None and lo < hi:  # the shaping window of [A]
-                ax[0, 1].axvspan(lo, hi, color=c, alpha=0.08, lw=0)
-        n = max(1, len(rows) // 10)  # first and last 10% of the steps
-        for part, ls, name in ((rows[:n], "--", "early"), (rows[-n:], "-", "late")):
-            profile = []
-            for b in range(10):
-                vals = [r["entropy_by_position"][b] for r in part
-                        if r["entropy_by_position"][b] is not None]
-                profile.append(sum(vals) / len(vals) if vals else float("nan"))
-            ax[1, 1].plot([b * 10 + 5 for b in range(10)], profile, c=c, ls=ls, marker=".",
-                          label=label and f"{label}: {name} ({'first' if name == 'early' else 'last'}"
-                                          f" {n} steps)")
-        plot_analysis_panels(ax, run, c, label, smooth)
-        ax[2, 3].plot(steps, [r.get("entropy_coef") or 0.0 for r in rows], c=c, lw=1, label=label)
-    plot_sign_rule_panels(ax[0, 3], ax[1, 3], runs, colour)
-    titles = {(0, 0): (f"reward ({smooth}-step mean) and held-out accuracy; dotted: plateau starts", "step"),
-              (0, 1): (f"token entropy ({smooth}-step mean); shaded: shaping window", "step"),
-              (1, 0): ("entropy of positive vs negative responses", "step"),
-              (1, 1): ("entropy by relative position in the response", "position (% of response)"),
-              (0, 2): (f"diversity [B]: distinct final answers per group ({smooth}-step mean)", "step"),
-              (1, 2): ("distinct-n of each group's responses: n = 1 (dotted), 2 (solid), 3 (dashed)", "step"),
-              (2, 0): ("calibration [B]: ECE (solid), mean confidence (dashed), accuracy (dotted)", "step"),
-              (2, 1): ("token movement [A]: barely moved (solid), top-20% entropy (dashed), low-PPL third (dotted)",
-                       "step"),
-              (2, 2): ("share of the movement by relative position (mean over logged steps)",
-                       "position (% of response)"),
-              (0, 3): ("sign rule [B]: an update's entropy change, summed by quadrant (mean over logged steps)",
-                       "sign of A, and whether o_t was pi_old's top token"),
-              (1, 3): ("share of tokens by quadrant (mean over logged steps)",
-                       "sign of A, and whether o_t was pi_old's top token"),
-              (2, 3): ("entropy bonus alpha (--entropy-coef)", "step")}
-    for (i, j), (title, xlabel) in titles.items():
-        a = ax[i, j]
-        a.set_title(title, fontsize=10)
-        a.set_xlabel(xlabel)
-        a.grid(alpha=0.3)
-        a.legend(fontsize=7)
-    return save_figure(fig, out_path)
-
-
-def plot_sign_rule_panels(ax_sum, ax_share, runs: list[dict], colour: dict) -> None:
-    """Bars of dh_sum_* and dh_share_* (entropy_change_by_quadrant), each the mean over a
-    label's runs and their logged steps: one group of bars per quadrant, one bar per label."""
-    labels = list(colour)
-    width = 0.8 / max(1, len(labels))
-    for i, label in enumerate(labels):
-        rows = [r for run in runs if run["label"] == label for r in run["rows"]
-                if r.get("dh_sum_pos_top") is not None]
-        if not rows:
-            continue
-        x = [q + (i - (len(labels) - 1) / 2) * width for q in range(len(QUADRANTS))]
-        for a, kind in ((ax_sum, "sum"), (ax_share, "share")):
-            a.bar(x, [sum(r[f"dh_{kind}_{q}"] for r in rows) / len(rows) for q in QUADRANTS],
-                  width, color=colour[label], label=label)
-    for a in (ax_sum, ax_share):
-        a.set_xticks(range(len(QUADRANTS)), ["A>0, top", "A>0, other", "A<0, top", "A<0, other"])
-    ax_sum.axhline(0, c="k", lw=0.5)
-
-
-def plot_analysis_panels(ax, run: dict, c: str, label: str | None, smooth: int) -> None:
-    """The panels of diversity, calibration and token movement (section 10) for one run."""
-    rows = run["rows"]
-
-    def series(key, pick=lambda v: v):
-        pts = [(r["step"], pick(r[key])) for r in rows if r.get(key) is not None]
-        return list(zip(*pts)) if pts else ([], [])
-
-    steps = [r["step"] for r in rows]
-    ax[0, 2].plot(steps, moving_average([r.get("distinct_answers") for r in rows], smooth), c=c,
-                  lw=1, label=label)
-    for n, ls in ((1, ":"), (2, "-"), (3, "--")):
-        ax[1, 2].plot(steps, moving_average([r.get(f"distinct_{n}") for r in rows], smooth), c=c,
-                      lw=1, ls=ls, label=label if n == 2 else None)
-    for key, ls in (("ece", "-"), ("confidence", "--"), ("accuracy", ":")):
-        ax[2, 0].plot(*series(key), c=c, ls=ls, marker=".", lw=1, label=label if key == "ece" else None)
-    for key, pick, ls in (("barely_moved", None, "-"), ("move_high_entropy", None, "--"),
-                          ("move_ppl_terciles", lambda v: v[0], ":")):
-        ax[2, 1].plot(*series(key, pick or (lambda v: v)), c=c, ls=ls, lw=1,
-                      label=label if ls == "-" else None)
-    profiles = [r["move_by_position"] for r in rows if r.get("move_by_position")]
-    if profiles:
-        mean = [sum(p[b] for p in profiles) / len(profiles) for b in range(len(profiles[0]))]
-        ax[2, 2].plot([b * 10 + 5 for b in range(len(mean))], mean, c=c, marker=".", label=label)
-
-
-def mean_std(values: list[float | None], digits: int = 3) -> str:
-    """'mean ± sample std' ('mean' alone for one value, 'n/a' for none)."""
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return "n/a"
-    m = sum(vals) / len(vals)
-    if len(vals) == 1:
-        return f"{m:.{digits}f}"
-    std = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
-    return f"{m:.{digits}f} ± {std:.{digits}f}"
-
-
-def compare_table(runs: list[dict], wall: dict) -> str:
-    """Markdown table, one line per variant (a run's "variant", else its method): mean ±
-    sample std over its runs (seeds)."""
-    k = next((r["summary"]["eval_k"] for r in runs if r["summary"]), 0)
-    header = (f"| variant | runs | final greedy acc | avg@{k} | pass@{k} | final entropy "
-              "(last 20 steps) | distinct answers per group (last 20 steps) | final ECE "
-              "| plateau step | wall time (s) |")
-    lines = [header, "|" + "---|" * 10]
-    def name(run: dict) -> str:
-        return run.get("variant") or run["args"]["method"]
-
-    for variant in dict.fromkeys(map(name, runs)):
-        done = [r for r in runs if name(r) == variant and r["summary"]]
-        get = [[r["summary"].get(key) for r in done] for key in
-               ("final_accuracy", "final_avg_at_k", "final_pass_at_k", "final_entropy",
-                "final_distinct_answers", "final_ece")]
-        stages = [r["stage_step"] for r in done if r["stage_step"] is not None]
-        stage = "none" if not stages else mean_std(stages, 1) + (
-            f" ({len(stages)} of {len(done)} runs)" if len(stages) < len(done) else "")
-        secs = mean_std([wall[str(r["dir"])] for r in done], 0)
-        lines.append(f"| {variant} | {len(done)} | " + " | ".join(mean_std(v) for v in get)
-                     + f" | {stage} | {secs} |")
-    return "\n".join(lines) + "\n"
-
-
-def compare_run_state(run_dir: Path, args: argparse.Namespace) -> str:
-    """What `compare` finds in a run folder: 'empty' (no run), 'done' (finished with these
-    settings and steps), or a phrase that says why it cannot be reused."""
-    if not any((run_dir / n).exists() for n in ("metrics.jsonl", "checkpoint", "checkpoint.old")):
-        return "empty"
-    record = read_args_json(run_dir)
-    if record is None:
-        return "a run without a readable args.json"
-    now = run_settings(args)
-    if args.lambda_epochs is None:  # derived from --steps and the data: compared through them
-        now.pop("lambda_epochs", None)
-    differ = settings_differences(record, now)
-    if record.get("steps") != args.steps and "steps" not in now:
-        differ.append(f"--steps {record.get('steps')!r} in the run, {args.steps!r} now")
-    if differ:
-        return f"a run with other settings ({'; '.join(differ)})"
-    if not (run_dir / "summary.json").exists():
-        return "an unfinished run"
-    return "done"
-
-
-def compare_variants(methods_arg: str | None, specs: list[str]) -> tuple[list[str], dict]:
-    """compare's rows: the --methods list, and {name: its own training flags} for each method
-    (["--method", m]) and each --variant NAME=FLAGS, in order."""
-    if methods_arg is None:
-        methods_arg = "" if specs else "grpo,ppl,position"
-    methods = [m.strip() for m in methods_arg.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
-    if bad or not (methods or specs):
-        raise SystemExit(f"error: --methods: unknown {bad or 'empty'}; choose from {', '.join(METHODS)}")
-    variants = {m: ["--method", m] for m in methods}
-    for spec in specs:
-        name, eq, flags = (part.strip() for part in spec.partition("="))
-        if not eq or not re.fullmatch(r"[A-Za-z0-9_.+-]+", name) or name in variants:
-            raise SystemExit(f"error: --variant {spec!r}: want NAME=FLAGS, NAME unique and made of "
-                             "letters, digits and _.+-")
-        variants[name] = shlex.split(flags)
-    return methods, variants
-
-
-def compare(argv: list[str]) -> str:
-    """`compare`: train each method on each seed (same preset and flags), then write
-    compare.md and compare.png in --out-dir and print the table."""
-    import subprocess
-    import sys
-
-    p = argparse.ArgumentParser(
-        prog="rlvr_entropy.py compare", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Run several methods on the same seeds and table them. Any other flag "
-                    "(e.g. --preset, --steps) is passed to every training run.")
-    p.add_argument("--methods", help="comma-separated methods (default: grpo,ppl,position, "
-                   "or none when --variant is given)")
-    p.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
-                   help="a named row with its own training flags, after the shared ones, e.g. "
-                        "'nsr=--method posneg --pos-weight 0' or 'clip-cov=--clip-cov-ratio "
-                        "0.01'; repeat for more; without --method a variant is grpo")
-    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 for every method")
-    p.add_argument("--out-dir", default="runs/compare", help="one sub-folder per run, plus "
-                   "compare.md and compare.png")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="runs at the same time; with more than 1 and no --threads of the "
-                        "preset or the flags (gsm8k), each run uses cpu_count/jobs threads")
-    p.add_argument("--overwrite", action="store_true",
-                   help="redo every run; by default a finished run with the same settings is "
-                        "reused, so --seeds 5 after --seeds 3 trains only seeds 3 and 4")
-    opts, train_flags = p.parse_known_args(argv)
-    start = time.time()  # the whole command, warm-up included
-    methods, variants = compare_variants(opts.methods, opts.variant)
-    if opts.seeds < 1 or opts.jobs < 1:
-        raise SystemExit("error: --seeds and --jobs must be at least 1")
-    own = {"--seed", "--out-dir", "--resume", "--overwrite"}
-    blocked = ((own | {"--method"}) & {f.split("=")[0] for f in train_flags}
-               | own & {f.split("=")[0] for flags in variants.values() for f in flags})
-    if blocked:
-        raise SystemExit(f"error: compare sets {', '.join(sorted(blocked))} itself")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    args = parse_args(train_flags)  # validate every run's flags before any run starts
-    check_args(args)
-    for flags in variants.values():
-        check_args(parse_args([*train_flags, *flags]))
-    out_root = Path(opts.out_dir)
-    check_out_dir(out_root, resume=False, overwrite=True)  # a file, or not writable
-    todo, wall = [], {}
-    for vname, seed in [(v, s) for v in variants for s in range(opts.seeds)]:
-        run_dir = out_root / f"{vname}-seed{seed}"
-        state = compare_run_state(run_dir, parse_args(["--preset", args.preset, "--seed", str(seed),
-                                                       "--out-dir", str(run_dir), *train_flags,
-                                                       *variants[vname]]))
-        if state == "done" and not opts.overwrite:
-            wall[str(run_dir)] = json.loads((run_dir / "summary.json").read_text()).get(
-                "wall_time", float("nan"))
-        elif state in ("empty", "done") or opts.overwrite:
-            todo.append((vname, seed))
-        else:  # refuse before any run starts, so nothing is lost and no time is spent
-            raise SystemExit(f"error: {run_dir} holds {state}; pass --overwrite to redo it, "
-                             "or choose another --out-dir")
-    if wall:
-        print(f"reusing {len(wall)} finished run(s) with the same settings "
-              f"(--overwrite redoes them)")
-    if args.model == "tiny" and todo:  # warm up once here, so parallel runs do not all do it
-        set_seed(args.seed)
-        tiny_warm_model(args, load_data(args)[0])
-    # Parallel runs share the cores, unless the preset or the flags pin the threads already.
-    threads = max(1, (os.cpu_count() or 1) // opts.jobs) if opts.jobs > 1 and not args.threads else None
-    running, failed = [], []
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(todo), desc="compare", dynamic_ncols=True)
-    while todo or running:
-        while todo and len(running) < opts.jobs:
-            vname, seed = todo.pop(0)
-            run_dir = out_root / f"{vname}-seed{seed}"
-            run_dir.mkdir(parents=True, exist_ok=True)
-            cmd = [sys.executable, os.path.abspath(__file__), "--seed", str(seed), "--out-dir",
-                   str(run_dir), "--overwrite", *train_flags, *variants[vname]]
-            cmd += ["--threads", str(threads)] if threads and "--threads" not in cmd else []
-            log = (run_dir / "log.txt").open("w")
-            running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT),
-                            run_dir, time.time(), log))
-        time.sleep(0.5)
-        for job in [j for j in running if j[0].poll() is not None]:
-            proc, run_dir, t0, log = job
-            log.close()
-            running.remove(job)
-            wall[str(run_dir)] = time.time() - t0
-            if proc.returncode != 0:
-                failed.append(run_dir)
-                tqdm.write(f"{run_dir} failed (exit {proc.returncode}); see {run_dir / 'log.txt'}")
-            else:  # kept in the summary, so a later compare that reuses the run can table it
-                summary = json.loads((run_dir / "summary.json").read_text())
-                summary["wall_time"] = wall[str(run_dir)]
-                (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-            bar.update(1)
-    bar.close()
-    runs = [{**read_run(Path(d)), "variant": Path(d).name.rsplit("-seed", 1)[0]}
-            for d in wall if Path(d) not in failed]
-    runs.sort(key=lambda r: (list(variants).index(r["variant"]), r["args"]["seed"]))
-    command = shlex.join(["python", "rlvr_entropy.py", "compare"]
-                         + (["--methods", ",".join(methods)] if methods else [])
-                         + [f for spec in opts.variant for f in ("--variant", spec)]
-                         + ["--seeds", str(opts.seeds), "--jobs", str(opts.jobs), *train_flags])
-    table = compare_table(runs, wall) if runs else "no run finished\n"
-    text = f"Command: `{command}`; total wall time {time.time() - start:.0f} s.\n\n{table}"
-    (out_root / "compare.md").write_text(text)
-    if runs:
-        plot_runs([r["dir"] for r in runs], out_root / "compare.png",
-                  labels={str(r["dir"]): r["variant"] for r in runs})
-    print(text + f"\nsaved {out_root / 'compare.md'} and {out_root / 'compare.png'}")
-    if failed:
-        raise SystemExit(f"error: {len(failed)} run(s) failed: {', '.join(map(str, failed))}")
-    return text
-
-
-def plot_overview(run_dirs: list[Path], out_path: Path, smooth: int = 5) -> Path:
-    """Two panels for a front page: held-out greedy accuracy and token entropy over steps,
-    one line per run, the shaping window of [A] shaded."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise SystemExit("error: plotting needs matplotlib: pip install matplotlib") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs = [read_run(Path(d)) for d in run_dirs]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
-    for i, run in enumerate(runs):
-        rows, a = run["rows"], run["args"]
-        label = f"{a.get('method', '?')}, seed {a.get('seed', '?')}"
-        acc = [(r["step"], r["accuracy"]) for r in rows if r["accuracy"] is not None]
-        if run["summary"] is not None:
-            acc.append((rows[-1]["step"] + 1, run["summary"]["final_accuracy"]))
-        left.plot(*zip(*acc), c=f"C{i}", marker="o", ms=3, lw=1.5, label=label)
-        right.plot([r["step"] for r in rows], moving_average([r["entropy"] for r in rows], smooth),
-                   c=f"C{i}", lw=1.5, label=label)
-    shaded = {(r["args"].get("shape_from"), r["args"].get("shape_until")) for r in runs
-              if r["args"].get("method") in ("ppl", "position")}
-    for lo, hi in shaded:
-        if isinstance(lo, int) and isinstance(hi, int) and lo < hi:
-            for a in (left, right):
-                a.axvspan(lo, hi, color="grey", alpha=0.15, lw=0)
-    left.set(title="held-out greedy accuracy (shaded: shaping window)", xlabel="RL step", ylim=(0, 1))
-    right.set(title=f"token entropy of the sampled responses ({smooth}-step mean)", xlabel="RL step")
-    for a in (left, right):
-        a.grid(alpha=0.3)
-        a.legend(fontsize=8)
-    return save_figure(fig, out_path)
-
-
-def plot_command(argv: list[str]) -> Path:
-    """`plot RUN_DIR [RUN_DIR ...] -o fig.png`."""
-    p = argparse.ArgumentParser(prog="rlvr_entropy.py plot",
-                                description="Plot one or more run folders on shared axes.")
-    p.add_argument("run_dirs", nargs="+", help="folders written by a training run")
-    p.add_argument("-o", "--output", default="runs/plot.png", help="PNG file to write")
-    p.add_argument("--smooth", type=int, default=5, help="moving-average window (steps)")
-    p.add_argument("--overview", action="store_true", help="two panels only: accuracy and "
-                   "entropy over steps, the shaping window shaded (the README's figure)")
-    opts = p.parse_args(argv)
-    if opts.smooth < 1:
-        raise SystemExit(f"error: --smooth must be at least 1 (got {opts.smooth})")
-    if Path(opts.output).is_dir():
-        raise SystemExit(f"error: -o {opts.output} is a folder; name a .png file")
-    draw = plot_overview if opts.overview else plot_runs
-    out = draw([Path(d) for d in opts.run_dirs], Path(opts.output), opts.smooth)
-    print(f"saved {out}")
-    return out
-
-
-# =========================================================================================
-# 15. Command line
-# =========================================================================================
-
-PRESETS = {
-    "tiny": {"model": "tiny", "dataset": "builtin", "steps": 100, "prompts_per_step": 32,
-             "group_size": 8, "max_new_tokens": 48, "temperature": 1.0, "top_p": 1.0,
-             "lr": 2e-4, "lr_warmup_steps": 0, "weight_decay": 0.0, "updates_per_batch": 1,
-             "mini_batches": 2, "micro_batch_size": 64, "eval_every": 20, "eval_size": 500,
-             "train_size": 5000, "instruction": "", "token_dynamics_every": 5,
-             "entropy_target": 0.027, "entropy_coef_target": 0.05, "clip_cov_ratio": 5e-3,
-             "clip_cov_low": 1.0, "clip_cov_high": 5.0, "kl_cov_ratio": 1e-2, "entropy_coef_delta": 5e-3,
-             "entropy_coef_max": 0.1, "threads": 1},
-    "gsm8k": {"model": "Qwen/Qwen2.5-0.5B-Instruct", "dataset": "gsm8k", "steps": 300,
-              "prompts_per_step": 16, "group_size": 8, "max_new_tokens": 512,
-              "temperature": 1.0, "top_p": 1.0, "lr": 1e-6, "lr_warmup_steps": 10,
-              "weight_decay": 0.1, "updates_per_batch": 1, "mini_batches": 4,
-              "micro_batch_size": 8, "eval_every": 25, "eval_size": 200,
-              "token_dynamics_every": 25, "entropy_target": 0.2, "entropy_coef_target": 0.2,
-              "clip_cov_ratio": 2e-4, "clip_cov_low": 1.0, "clip_cov_high": 5.0,
-              "kl_cov_ratio": 2e-4, "entropy_coef_delta": 1e-4, "entropy_coef_max": 0.005,
-              "threads": 0,
-              "instruction": "Please reason step by step, and put your final answer "
-                             "within \\boxed{}."},
-}
+def setting(default, help: str, range: str | None = None, choices: tuple | None = None,
+            run: bool = True, group: str | None = None, parse=None):
+    """One field of Args. run: the setting defines the run (--resume refuses to change it);
+    group: the --help group this field opens; parse: argparse's type, when not the field's."""
+    return field(default=default, metadata={"help": help, "range": range, "choices": choices,
+                                            "run": run, "group": group, "parse": parse})
 
 
 def step_or_plateau(value: str) -> int | str:
@@ -2498,170 +2100,211 @@ def step_or_plateau(value: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected a step or 'plateau', got '{value}'") from None
 
 
-def add_control_flags(p: argparse.ArgumentParser) -> None:
-    """The flags of the field's entropy controls (section 6), one group of build_parser."""
-    a = p.add_argument_group("the field's entropy controls (compose with any --method)").add_argument
-    a("--advantage-estimator", choices=("grpo", "reinforce"), default="grpo", help="grpo: "
-      "group-normalised; reinforce: W-REINFORCE / PSR / NSR (arXiv 2506.01347), no baseline")
-    a("--reinforce-pos", type=float, default=0.1, help="reinforce: A of a correct response "
-      "(lambda; 0.1 is W-REINFORCE, 1 with --reinforce-neg 0 is PSR)")
-    a("--reinforce-neg", type=float, default=1.0, help="reinforce: -A of a wrong response "
-      "(1 with --reinforce-pos 0 is NSR)")
-    a("--forking-top", type=float, default=1.0, help="keep the loss only on the batch's "
-      "top fraction of token entropies (arXiv 2506.01939: 0.2; 1: off)")
-    a("--clip-cov", action="store_true", help="Clip-Cov (arXiv 2505.22617): remove the "
-      "gradient of a random few tokens whose covariance lies in (low, high)")
-    a("--clip-cov-ratio", type=float, help="Clip-Cov: share of tokens (gsm8k 2e-4 as released "
-      "in verl: 1 token in 5,000; tiny 5e-3, about 40 of its 8,000)")
-    a("--clip-cov-low", type=float, help="Clip-Cov: lower covariance bound (1 as released)")
-    a("--clip-cov-high", type=float, help="Clip-Cov: upper covariance bound (5 as released)")
-    a("--kl-cov", action="store_true", help="KL-Cov (arXiv 2505.22617): a |log pi - log "
-      "pi_old| penalty on the top-covariance tokens, in place of the PPO clip")
-    a("--kl-cov-ratio", type=float, help="KL-Cov: share of tokens (gsm8k 2e-4 as in verl's "
-      "config; tiny 1e-2, about 80 of its 8,000 tokens)")
-    a("--kl-cov-coef", type=float, default=1.0, help="KL-Cov: the penalty's coefficient "
-      "(verl's config 0.1; its KL-Cov recipes 1)")
-    a("--entropy-coef", type=float, default=0.0, help="entropy bonus alpha: loss -= alpha * "
-      "mean token entropy (TRL entropy_coef, verl entropy_coeff); with --adaptive-entropy, "
-      "its start value (released 0); 0 and no --adaptive-entropy: off")
-    a("--adaptive-entropy", action="store_true", help="adapt alpha as Skywork-OR1 does "
-      "(arXiv 2505.22312): up by delta while entropy is under the target, down above it, "
-      "and the bonus off above it")
-    a("--entropy-coef-target", type=float, help="adaptive bonus: the entropy to hold "
-      "(gsm8k 0.2 as released; tiny 0.05, between grpo's first and last entropies)")
-    a("--entropy-coef-delta", type=float, help="adaptive bonus: alpha's change per step "
-      "(gsm8k 1e-4 as released; tiny 5e-3)")
-    a("--entropy-coef-max", type=float, help="adaptive bonus: alpha's ceiling "
-      "(gsm8k 0.005 as released; tiny 0.1: a fixed 0.2 made its entropy run away)")
+@dataclass
+class Args:
+    """Every setting of a run. The flag of a field is --field-name (--no-bf16 for bf16)."""
+    method: str = setting("grpo", "grpo; ppl or position shaping [A]; posneg weights [B]",
+                          choices=METHODS, group="run")
+    preset: str | None = setting(None, "tiny (CPU) or gsm8k (GPU); default: gsm8k when CUDA "
+                                 "is found, else tiny", choices=("gsm8k", "tiny"))
+    seed: int = setting(0, "seed of data order, sampling and initialisation", "[0, inf)")
+    steps: int = setting(100, "RL steps", "[1, inf)", run=False)
+    out_dir: str | None = setting(None, "run folder (default runs/<preset>-<method>-seed<seed>)",
+                                  run=False)
+    save_every: int = setting(0, "checkpoint every N steps (0: only on SIGINT/SIGTERM)",
+                              "[0, inf)", run=False)
+    resume: bool = setting(False, "continue from <out-dir>/checkpoint with the same "
+                           "run-defining flags (docs/resume.md lists those that may change)",
+                           run=False)
+    overwrite: bool = setting(False, "replace a run already in --out-dir", run=False)
+    model: str = setting("tiny", "hub name or local folder of a causal LM; 'tiny': the "
+                         "built-in one", group="data and reward")
+    dataset: str = setting("builtin", "'builtin', 'gsm8k', or a .jsonl/.json/.parquet/.csv file")
+    question_field: str = setting("question", "question column of a dataset file")
+    answer_field: str = setting("answer", "answer column of a dataset file")
+    train_size: int | None = setting(5000, "training problems: the built-in task makes this "
+                                     "many; GSM8K or a file keeps the first N (gsm8k: all)",
+                                     "[1, inf)")
+    eval_size: int = setting(500, "held-out problems for evaluation", "[1, inf)")
+    instruction: str = setting("", "text appended to each question in the prompt")
+    reward: str = setting("math", "the built-in exact reward, or the math-verify library",
+                          choices=("math", "math-verify"))
+    last_number_fallback: bool = setting(False, "with no answer marker, grade the last number "
+                                         "in the text")
+    prompts_per_step: int = setting(32, "prompts per RL step", "[1, inf)", group="rollouts")
+    group_size: int = setting(8, "responses per prompt (G)", "[2, inf)")
+    max_new_tokens: int = setting(48, "response length limit", "[1, inf)")
+    temperature: float = setting(1.0, "sampling temperature T", "(0, inf)")
+    top_p: float = setting(1.0, "nucleus sampling threshold", "(0, 1]")
+    no_std_scaling: bool = setting(False, "do not divide by the group std (Dr. GRPO)",
+                                   group="advantages and the shaping of [A]")
+    ppl_alpha: float = setting(0.01, "ppl: alpha of clamp(1 - alpha z, 0.8, 1.2)", "[0, inf)")
+    pos_alpha: float = setting(0.1, "position: bonus scale alpha", "[0, inf)")
+    pos_k: float = setting(15.0, "position: sigmoid steepness k", "(0, inf)")
+    shape_from: int | str | None = setting(None, "first shaped step (default steps/3), or "
+                                           "'plateau'", "[0, inf)", parse=step_or_plateau)
+    shape_until: int | None = setting(None, "first unshaped step after it (default steps/2; "
+                                      "the end with 'plateau')", "[0, inf)")
+    stage_window: int = setting(10, "stage detector: steps per slope", "[3, inf)")
+    stage_frac: float = setting(0.25, "stage detector: plateau below this fraction of the "
+                                "steepest slopes", "(0, 1)")
+    stage_patience: int = setting(5, "stage detector: ... for this many steps", "[1, inf)")
+    pos_weight: float = setting(1.0, "lambda, the weight of tokens with A > 0 (fixed "
+                                "schedule); 0: negative-only", "[0, 1]",
+                                group="posneg: positive/negative-advantage weights of [B]")
+    neg_weight: float = setting(1.0, "weight of tokens with A < 0; 0: positive-only",
+                                "[0, inf)")
+    lambda_schedule: str = setting("fixed", "how lambda moves",
+                                   choices=("fixed", "stage", "epoch", "entropy"))
+    entropy_target: float = setting(0.027, "entropy schedule: delta (gsm8k 0.2 as in [B]; tiny "
+                                    "between its negative- and positive-only entropies)",
+                                    "(0, inf)")
+    lambda_step: float = setting(0.05, "entropy schedule: lambda change per step", "(0, 1]")
+    lambda_epochs: int | None = setting(None, "epoch schedule: E (default: passes over the "
+                                        "data, at least 2)", "[2, inf)")
+    advantage_estimator: str = setting(
+        "grpo", "grpo: group-normalised; reinforce: W-REINFORCE / PSR / NSR (arXiv "
+        "2506.01347), no baseline", choices=("grpo", "reinforce"),
+        group="the field's entropy controls (compose with any --method)")
+    reinforce_pos: float = setting(0.1, "reinforce: A of a correct response (lambda; 0.1 is "
+                                   "W-REINFORCE, 1 with --reinforce-neg 0 is PSR)", "[0, inf)")
+    reinforce_neg: float = setting(1.0, "reinforce: -A of a wrong response (1 with "
+                                   "--reinforce-pos 0 is NSR)", "[0, inf)")
+    forking_top: float = setting(1.0, "keep the loss only on the batch's top fraction of "
+                                 "token entropies (arXiv 2506.01939: 0.2; 1: off)", "(0, 1]")
+    clip_cov: bool = setting(False, "Clip-Cov (arXiv 2505.22617): remove the gradient of a "
+                             "random few tokens whose covariance lies in (low, high)")
+    clip_cov_ratio: float = setting(5e-3, "Clip-Cov: share of tokens (gsm8k 2e-4 as released "
+                                    "in verl: 1 token in 5,000; tiny about 40 of its 8,000)",
+                                    "(0, 1]")
+    clip_cov_low: float = setting(1.0, "Clip-Cov: lower covariance bound (as released)",
+                                  "[0, inf)")
+    clip_cov_high: float = setting(5.0, "Clip-Cov: upper covariance bound (as released)",
+                                   "(0, inf)")
+    kl_cov: bool = setting(False, "KL-Cov (arXiv 2505.22617): a |log pi - log pi_old| "
+                           "penalty on the top-covariance tokens, in place of the PPO clip")
+    kl_cov_ratio: float = setting(1e-2, "KL-Cov: share of tokens (gsm8k 2e-4 as in verl's "
+                                  "config; tiny about 80 of its 8,000 tokens)", "(0, 1]")
+    kl_cov_coef: float = setting(1.0, "KL-Cov: the penalty's coefficient (verl's config 0.1; "
+                                 "its KL-Cov recipes 1)", "[0, inf)")
+    entropy_coef: float = setting(0.0, "entropy bonus alpha: loss -= alpha * mean token "
+                                  "entropy (TRL entropy_coef, verl entropy_coeff); with "
+                                  "--adaptive-entropy, its start value (released 0)", "[0, inf)")
+    adaptive_entropy: bool = setting(False, "adapt alpha as Skywork-OR1 does (arXiv "
+                                     "2505.22312): up by delta while entropy is under the "
+                                     "target, down above it, and the bonus off above it")
+    entropy_coef_target: float = setting(0.05, "adaptive bonus: the entropy to hold (gsm8k 0.2 "
+                                         "as released; tiny between grpo's first and last "
+                                         "entropies)", "(0, inf)")
+    entropy_coef_delta: float = setting(5e-3, "adaptive bonus: alpha's change per step (gsm8k "
+                                        "1e-4 as released)", "(0, inf)")
+    entropy_coef_max: float = setting(0.1, "adaptive bonus: alpha's ceiling (gsm8k 0.005 as "
+                                      "released; a fixed 0.2 made tiny's entropy run away)",
+                                      "[0, inf)")
+    clip_low: float = setting(0.2, "PPO clip epsilon_low", "[0, 1]",
+                              group="loss and optimisation")
+    clip_high: float = setting(0.28, "PPO clip epsilon_high (Clip-Higher)", "[0, inf)")
+    loss_agg: str = setting("token-mean", "how token losses are averaged",
+                            choices=("token-mean", "seq-mean-token-mean"))
+    updates_per_batch: int = setting(1, "passes over each rollout batch", "[1, inf)")
+    mini_batches: int = setting(2, "optimizer steps per pass", "[1, inf)")
+    micro_batch_size: int = setting(64, "rows per forward pass (0: whole mini-batch)",
+                                    "[0, inf)", run=False)
+    lr: float = setting(2e-4, "AdamW learning rate", "(0, inf)")
+    lr_warmup_steps: int = setting(0, "linear LR warm-up, in RL steps", "[0, inf)")
+    weight_decay: float = setting(0.0, "AdamW weight decay", "[0, inf)")
+    max_grad_norm: float = setting(1.0, "gradient-norm clip", "(0, inf)")
+    eval_every: int = setting(20, "greedy held-out accuracy every N steps", "[1, inf)",
+                              group="evaluation and machine")
+    eval_batch_size: int = setting(256, "responses per evaluation batch", "[1, inf)", run=False)
+    eval_k: int = setting(8, "avg@k and pass@k at the first and last step (0: off)", "[0, inf)")
+    eval_temperature: float = setting(0.6, "T of avg@k / pass@k", "(0, inf)")
+    eval_top_p: float = setting(0.95, "top-p of avg@k / pass@k", "(0, 1]")
+    token_dynamics_every: int = setting(5, "every N steps, log which tokens the update moved "
+                                        "(one extra forward; 0: off)", "[0, inf)", run=False)
+    profile: bool = setting(False, "print seconds per phase, tokens/s and peak memory every "
+                            "step", run=False)
+    gradient_checkpointing: bool = setting(False, "recompute activations in backward: less "
+                                           "memory, more compute", run=False)
+    device: str | None = setting(None, "cuda, cpu, ... (default: cuda if available)", run=False)
+    threads: int = setting(1, "CPU threads for torch during RL (0: torch's default; tiny 1: "
+                           "its small matrices gain nothing from a second)", "[0, inf)",
+                           run=False)
+    bf16: bool = setting(True, "on CUDA, fp32 instead of bf16 autocast", run=False)
+    trust_remote_code: bool = setting(False, "allow model code from the hub", run=False)
+    warmup_steps: int = setting(1500, "supervised warm-up steps", "[1, inf)",
+                                group="tiny preset warm-up")
+    warmup_lr: float = setting(3e-3, "warm-up learning rate", "(0, inf)")
+    warmup_batch_size: int = setting(64, "warm-up batch size", "[1, inf)")
+    warmup_threads: int = setting(0, "CPU threads for the warm-up (0: torch's default; its "
+                                  "batch of 64 sequences does gain from more)", "[0, inf)",
+                                  run=False)
+    warmup_seed: int = setting(0, "seed of the warm-up (every RL run starts from its one "
+                               "model)", "[0, inf)")
+    warmup_slip: float = setting(0.75, "probability that the warm-up's student gets a carry "
+                                 "or borrow step wrong", "[0, 1]")
+    warmup_off_by_one: float = setting(1 / 3, "share of those slips that land one off "
+                                       "instead of forgetting the ten", "[0, 1]")
+    warmup_comma: float = setting(0.0, "probability that the warm-up's student separates two "
+                                  "steps with ', ' instead of ' '", "[0, 1]")
+    train_warmup: bool = setting(False, "train the default warm-up here instead of loading "
+                                 "its shipped weights from testdata/", run=False)
+    cache_dir: str = setting(os.path.join(Path.home(), ".cache", "rlvr_entropy"), "where the "
+                             "warmed-up tiny model is cached", run=False)
+
+
+# A preset is the overrides of Args' defaults (tiny's) that fit a model and a machine.
+PRESETS = {
+    "tiny": {},
+    "gsm8k": {"model": "Qwen/Qwen2.5-0.5B-Instruct", "dataset": "gsm8k", "steps": 300,
+              "prompts_per_step": 16, "max_new_tokens": 512, "lr": 1e-6, "lr_warmup_steps": 10,
+              "weight_decay": 0.1, "mini_batches": 4, "micro_batch_size": 8, "eval_every": 25,
+              "eval_size": 200, "train_size": None, "token_dynamics_every": 25,
+              "entropy_target": 0.2, "entropy_coef_target": 0.2, "clip_cov_ratio": 2e-4,
+              "kl_cov_ratio": 2e-4, "entropy_coef_delta": 1e-4, "entropy_coef_max": 0.005,
+              "threads": 0, "instruction": "Please reason step by step, and put your final "
+                                           "answer within \\boxed{}."},
+}
+
+
+def flag_name(name: str) -> str:
+    return "--no-bf16" if name == "bf16" else "--" + name.replace("_", "-")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Every training flag, in groups. Flags left unset (None) take their preset's value."""
+    """The flags, one per field of Args, in its groups. A flag that is not given is absent
+    from the result (SUPPRESS), so parse_args can tell it from a preset's value."""
     p = argparse.ArgumentParser(
         description="GRPO with entropy analysis, the advantage shaping of [A] (Deng et al. "
                     "2025) and the positive/negative weights of [B] (Jin et al. 2025).",
-        epilog="Subcommands: 'rlvr_entropy.py plot RUN_DIR ... -o fig.png' and "
-               "'rlvr_entropy.py compare --methods grpo,ppl --seeds 3' (each has --help).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
-    a("--method", default="grpo", choices=METHODS, help="grpo; ppl or position shaping [A]; "
-      "posneg weights [B]")
-    a("--preset", choices=sorted(PRESETS), help="tiny (CPU) or gsm8k (GPU); default: gsm8k "
-      "when CUDA is found, else tiny")
-    a("--seed", type=int, default=0, help="seed of data order, sampling and initialisation")
-    a("--steps", type=int, help="RL steps")
-    a("--out-dir", help="run folder (default runs/<preset>-<method>-seed<seed>)")
-    a("--save-every", type=int, default=0, help="checkpoint every N steps (0: only on "
-      "SIGINT/SIGTERM)")
-    a("--resume", action="store_true", help="continue from <out-dir>/checkpoint with the same "
-      "run-defining flags (docs/resume.md lists those that may change)")
-    a("--overwrite", action="store_true", help="replace a run already in --out-dir")
-    a = p.add_argument_group("data and reward").add_argument
-    a("--model", help="hub name or local folder of a causal LM; 'tiny': the built-in one")
-    a("--dataset", help="'builtin', 'gsm8k', or a .jsonl/.json/.parquet/.csv file")
-    a("--question-field", default="question", help="question column of a dataset file")
-    a("--answer-field", default="answer", help="answer column of a dataset file")
-    a("--train-size", type=int, help="training problems: the built-in task makes this many; "
-      "GSM8K or a file keeps the first N (default: all of them)")
-    a("--eval-size", type=int, help="held-out problems for evaluation")
-    a("--instruction", help="text appended to each question in the prompt")
-    a("--reward", choices=("math", "math-verify"), default="math", help="the built-in exact "
-      "reward, or the math-verify library")
-    a("--last-number-fallback", action="store_true", help="with no answer marker, grade the "
-      "last number in the text")
-    a = p.add_argument_group("rollouts").add_argument
-    a("--prompts-per-step", type=int, help="prompts per RL step")
-    a("--group-size", type=int, help="responses per prompt (G)")
-    a("--max-new-tokens", type=int, help="response length limit")
-    a("--temperature", type=float, help="sampling temperature T")
-    a("--top-p", type=float, help="nucleus sampling threshold")
-    a = p.add_argument_group("advantages and the shaping of [A]").add_argument
-    a("--no-std-scaling", action="store_true", help="do not divide by the group std (Dr. GRPO)")
-    a("--ppl-alpha", type=float, default=0.01, help="ppl: alpha of clamp(1 - alpha z, 0.8, 1.2)")
-    a("--pos-alpha", type=float, default=0.1, help="position: bonus scale alpha")
-    a("--pos-k", type=float, default=15.0, help="position: sigmoid steepness k")
-    a("--shape-from", type=step_or_plateau, help="first shaped step (default steps/3), or "
-      "'plateau'")
-    a("--shape-until", type=int, help="first unshaped step after it (default steps/2; the end "
-      "with 'plateau')")
-    a("--stage-window", type=int, default=10, help="stage detector: steps per slope")
-    a("--stage-frac", type=float, default=0.25, help="stage detector: plateau below this "
-      "fraction of the steepest slopes")
-    a("--stage-patience", type=int, default=5, help="stage detector: ... for this many steps")
-    a = p.add_argument_group("posneg: positive/negative-advantage weights of [B]").add_argument
-    a("--pos-weight", type=float, default=1.0, help="lambda, the weight of tokens with A > 0 "
-      "(fixed schedule); 0: negative-only")
-    a("--neg-weight", type=float, default=1.0, help="weight of tokens with A < 0; 0: "
-      "positive-only")
-    a("--lambda-schedule", choices=("fixed", "stage", "epoch", "entropy"), default="fixed",
-      help="how lambda moves")
-    a("--entropy-target", type=float, help="entropy schedule: delta (default: the preset's; "
-      "gsm8k 0.2 as in [B], tiny between its negative-only and positive-only entropies)")
-    a("--lambda-step", type=float, default=0.05, help="entropy schedule: lambda change per step")
-    a("--lambda-epochs", type=int, help="epoch schedule: E (default: passes over the data, >= 2)")
-    add_control_flags(p)
-    a = p.add_argument_group("loss and optimisation").add_argument
-    a("--clip-low", type=float, default=0.2, help="PPO clip epsilon_low")
-    a("--clip-high", type=float, default=0.28, help="PPO clip epsilon_high (Clip-Higher)")
-    a("--loss-agg", choices=("token-mean", "seq-mean-token-mean"), default="token-mean",
-      help="how token losses are averaged")
-    a("--updates-per-batch", type=int, help="passes over each rollout batch")
-    a("--mini-batches", type=int, help="optimizer steps per pass")
-    a("--micro-batch-size", type=int, help="rows per forward pass (0: whole mini-batch)")
-    a("--lr", type=float, help="AdamW learning rate")
-    a("--lr-warmup-steps", type=int, help="linear LR warm-up, in RL steps")
-    a("--weight-decay", type=float, help="AdamW weight decay")
-    a("--max-grad-norm", type=float, default=1.0, help="gradient-norm clip")
-    a = p.add_argument_group("evaluation and machine").add_argument
-    a("--eval-every", type=int, help="greedy held-out accuracy every N steps")
-    a("--eval-batch-size", type=int, default=256, help="responses per evaluation batch")
-    a("--eval-k", type=int, default=8, help="avg@k and pass@k at the first and last step "
-      "(0: off)")
-    a("--eval-temperature", type=float, default=0.6, help="T of avg@k / pass@k")
-    a("--eval-top-p", type=float, default=0.95, help="top-p of avg@k / pass@k")
-    a("--token-dynamics-every", type=int, help="every N steps, log which tokens the update "
-      "moved (one extra forward; 0: off)")
-    a("--profile", action="store_true", help="print seconds per phase, tokens/s and peak "
-      "memory every step")
-    a("--gradient-checkpointing", action="store_true", help="recompute activations in "
-      "backward: less memory, more compute")
-    a("--device", help="cuda, cpu, ... (default: cuda if available)")
-    a("--threads", type=int, help="CPU threads for torch during RL (0: torch's default; tiny "
-      "preset 1: its small matrices gain nothing from a second thread)")
-    a("--no-bf16", dest="bf16", action="store_false", help="on CUDA, fp32 instead of bf16 "
-      "autocast")
-    a("--trust-remote-code", action="store_true", help="allow model code from the hub")
-    a = p.add_argument_group("tiny preset warm-up").add_argument
-    a("--warmup-steps", type=int, default=1500, help="supervised warm-up steps")
-    a("--warmup-lr", type=float, default=3e-3, help="warm-up learning rate")
-    a("--warmup-batch-size", type=int, default=64, help="warm-up batch size")
-    a("--warmup-threads", type=int, default=0, help="CPU threads for the warm-up (0: torch's "
-      "default; its batch of 64 sequences does gain from more)")
-    a("--warmup-seed", type=int, default=0, help="seed of the warm-up (every RL run starts "
-      "from its one model)")
-    a("--warmup-slip", type=float, default=0.75, help="probability that the warm-up's student "
-      "gets a carry or borrow step wrong")
-    a("--warmup-off-by-one", type=float, default=1 / 3, help="share of those slips that land "
-      "one off instead of forgetting the ten")
-    a("--warmup-comma", type=float, default=0.0, help="probability that the warm-up's student "
-      "separates two steps with ', ' instead of ' '")
-    a("--train-warmup", action="store_true", help="train the default warm-up here instead of "
-      "loading its shipped weights from testdata/ (then cached like any other warm-up)")
-    a("--cache-dir", default=os.path.join(Path.home(), ".cache", "rlvr_entropy"),
-      help="where the warmed-up tiny model is cached")
+        epilog="Plots and comparisons of finished runs: tools/rlvr_tools.py (plot, compare).",
+        argument_default=argparse.SUPPRESS)
+    hints, group = typing.get_type_hints(Args), p
+    for f in fields(Args):
+        m = f.metadata
+        group = p.add_argument_group(m["group"]) if m["group"] else group
+        kind = next((t for t in typing.get_args(hints[f.name]) if t is not type(None)),
+                    hints[f.name])
+        gsm8k = PRESETS["gsm8k"].get(f.name, f.default)
+        shown = (f" (default {f.default}" + (f"; gsm8k {gsm8k})" if gsm8k != f.default else ")")
+                 if f.default is not None and kind is not bool else "")
+        if kind is bool:
+            group.add_argument(flag_name(f.name), dest=f.name, help=m["help"],
+                               action="store_false" if f.default else "store_true")
+        else:
+            group.add_argument(flag_name(f.name), help=m["help"] + shown, choices=m["choices"],
+                               type=m["parse"] or kind)
     return p
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The flags, with the preset's values filled in and the shaping window resolved."""
-    args = build_parser().parse_args(argv)
-    if args.preset is None:
-        args.preset = "gsm8k" if torch.cuda.is_available() else "tiny"
-        print(f"preset: {args.preset} (CUDA {'found' if args.preset == 'gsm8k' else 'not found'}; "
-              f"pass --preset to choose)")
-    for key, value in PRESETS[args.preset].items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
+def parse_args(argv: list[str] | None = None) -> Args:
+    """The flags over the preset over Args' defaults, and the shaping window resolved."""
+    given = vars(build_parser().parse_args(argv))
+    if "preset" not in given:
+        given["preset"] = "gsm8k" if torch.cuda.is_available() else "tiny"
+        print(f"preset: {given['preset']} (CUDA "
+              f"{'found' if given['preset'] == 'gsm8k' else 'not found'}; pass --preset to choose)")
+    args = Args(**{**PRESETS[given["preset"]], **given})
     plateau = args.shape_from == "plateau"  # train() moves the window when it detects it
     if args.shape_from is None:
         args.shape_from = args.steps // 3
@@ -2672,76 +2315,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-# The settings that define a run. --resume refuses to continue a checkpoint under other
-# values of any of them; every other flag (machine and bookkeeping) may change on resume.
-RUN_SETTINGS = (
-    "method", "seed", "preset", "model", "dataset", "question_field", "answer_field",
-    "train_size", "eval_size", "instruction", "reward", "last_number_fallback",
-    "prompts_per_step", "group_size", "max_new_tokens", "temperature", "top_p",
-    "no_std_scaling", "ppl_alpha", "pos_alpha", "pos_k", "shape_from", "shape_until",
-    "stage_window", "stage_frac", "stage_patience", "pos_weight", "neg_weight",
-    "lambda_schedule", "entropy_target", "lambda_step", "lambda_epochs", "clip_low",
-    "clip_high", "advantage_estimator", "reinforce_pos", "reinforce_neg", "forking_top",
-    "clip_cov", "clip_cov_ratio", "clip_cov_low", "clip_cov_high", "kl_cov", "kl_cov_ratio",
-    "kl_cov_coef",
-    "entropy_coef", "adaptive_entropy", "entropy_coef_target", "entropy_coef_delta",
-    "entropy_coef_max",
-    "loss_agg", "updates_per_batch", "mini_batches", "lr", "lr_warmup_steps",
-    "weight_decay", "max_grad_norm", "eval_every", "eval_k", "eval_temperature", "eval_top_p",
-    "warmup_steps", "warmup_lr", "warmup_batch_size", "warmup_seed", "warmup_slip",
-    "warmup_off_by_one", "warmup_comma")
-
-# (flag, lowest allowed, highest allowed, may it equal the lowest?) for every numeric flag;
-# OPEN_ABOVE flags must also stay below the highest. NaN fails every comparison, so it is
-# refused everywhere; so is +-inf.
-OPEN_ABOVE = {"stage_frac"}
-NUMERIC_FLAGS = [
-    ("seed", 0, None, True), ("steps", 1, None, True), ("save_every", 0, None, True),
-    ("train_size", 1, None, True), ("eval_size", 1, None, True),
-    ("prompts_per_step", 1, None, True), ("group_size", 2, None, True),
-    ("max_new_tokens", 1, None, True), ("temperature", 0, None, False), ("top_p", 0, 1, False),
-    ("ppl_alpha", 0, None, True), ("pos_alpha", 0, None, True), ("pos_k", 0, None, False),
-    ("shape_from", 0, None, True), ("shape_until", 0, None, True),
-    ("stage_window", 3, None, True), ("stage_frac", 0, 1, False), ("stage_patience", 1, None, True),
-    ("pos_weight", 0, 1, True), ("neg_weight", 0, None, True),
-    ("entropy_target", 0, None, False), ("lambda_step", 0, 1, False),
-    ("lambda_epochs", 2, None, True), ("clip_low", 0, 1, True), ("clip_high", 0, None, True),
-    ("reinforce_pos", 0, None, True), ("reinforce_neg", 0, None, True),
-    ("forking_top", 0, 1, False), ("clip_cov_ratio", 0, 1, False), ("clip_cov_low", 0, None, True),
-    ("clip_cov_high", 0, None, False), ("kl_cov_ratio", 0, 1, False), ("kl_cov_coef", 0, None, True),
-    ("entropy_coef", 0, None, True), ("entropy_coef_delta", 0, None, False),
-    ("entropy_coef_target", 0, None, False), ("entropy_coef_max", 0, None, True),
-    ("updates_per_batch", 1, None, True), ("mini_batches", 1, None, True),
-    ("micro_batch_size", 0, None, True), ("lr", 0, None, False), ("lr_warmup_steps", 0, None, True),
-    ("weight_decay", 0, None, True), ("max_grad_norm", 0, None, False),
-    ("eval_every", 1, None, True), ("token_dynamics_every", 0, None, True),
-    ("eval_batch_size", 1, None, True), ("eval_k", 0, None, True),
-    ("eval_temperature", 0, None, False), ("eval_top_p", 0, 1, False), ("threads", 0, None, True),
-    ("warmup_threads", 0, None, True),
-    ("warmup_steps", 1, None, True), ("warmup_lr", 0, None, False),
-    ("warmup_batch_size", 1, None, True), ("warmup_seed", 0, None, True),
-    ("warmup_slip", 0, 1, True), ("warmup_off_by_one", 0, 1, True),
-    ("warmup_comma", 0, 1, True),
-]
+def in_range(value: float, interval: str) -> bool:
+    """Whether value lies in an interval written '[lo, hi)', '(0, inf)', ...; never NaN/inf."""
+    low, high = (float(x) for x in interval[1:-1].split(","))
+    return (math.isfinite(value) and (value >= low if interval[0] == "[" else value > low)
+            and (value <= high if interval[-1] == "]" else value < high))
 
 
-def flag_name(dest: str) -> str:
-    return "--no-bf16" if dest == "bf16" else "--" + dest.replace("_", "-")
-
-
-def check_args(args: argparse.Namespace) -> None:
+def check_args(args: Args) -> None:
     """Reject bad values before anything is loaded or written: one sentence, no traceback."""
-    for dest, low, high, low_ok in NUMERIC_FLAGS:
-        v = getattr(args, dest)
-        if v is None or v == "plateau":  # derived later (--lambda-epochs), or not a number
-            continue
-        high_ok = dest not in OPEN_ABOVE
-        ok = (math.isfinite(v) and (v >= low if low_ok else v > low)
-              and (high is None or (v <= high if high_ok else v < high)))
-        if not ok:
-            rule = (f"in {'[' if low_ok else '('}{low}, {high}{']' if high_ok else ')'}"
-                    if high is not None else f"at least {low}" if low_ok else f"greater than {low}")
-            raise SystemExit(f"error: {flag_name(dest)} must be {rule} (got {v})")
+    for f in fields(Args):
+        v, interval = getattr(args, f.name), f.metadata["range"]
+        if interval and v is not None and v != "plateau" and not in_range(v, interval):
+            raise SystemExit(f"error: {flag_name(f.name)} must be in {interval} (got {v})")
     B = args.prompts_per_step * args.group_size
     checks = [
         (args.mini_batches <= B, f"--mini-batches must be between 1 and {B} (prompts x G)"),
@@ -2749,7 +2335,8 @@ def check_args(args: argparse.Namespace) -> None:
          "the tiny model only knows the built-in task; use --dataset builtin or pass --model"),
         (args.dataset != "builtin" or args.train_size is not None,
          "--dataset builtin needs --train-size (how many problems to make)"),
-        (args.model != "tiny" or args.train_size is None or args.warmup_batch_size <= args.train_size,
+        (args.model != "tiny" or args.train_size is None
+         or args.warmup_batch_size <= args.train_size,
          "--warmup-batch-size must not exceed --train-size"),
         (not (args.resume and args.overwrite), "--resume and --overwrite exclude each other"),
         (args.clip_cov_low < args.clip_cov_high, "--clip-cov-low must be below --clip-cov-high"),
@@ -2763,6 +2350,37 @@ def check_args(args: argparse.Namespace) -> None:
         except ImportError:
             raise SystemExit("error: --reward math-verify needs the math-verify package: "
                              "pip install math-verify") from None
+
+
+def run_settings(args: Args) -> dict:
+    """The run-defining settings (run=True) that this run's method uses, as args.json
+    stores them: a grpo run ignores the shaping and lambda flags, so extending it with
+    --steps is not refused for the --lambda-epochs that follows --steps."""
+    schedule = args.lambda_schedule if args.method == "posneg" else None
+    used = {"shape_from": args.method in ("ppl", "position"), "shape_until": args.method in
+            ("ppl", "position"), "ppl_alpha": args.method == "ppl",
+            "pos_alpha": args.method == "position", "pos_k": args.method == "position",
+            "pos_weight": schedule == "fixed", "lambda_epochs": schedule == "epoch",
+            "entropy_target": schedule == "entropy", "lambda_step": schedule == "entropy",
+            "lambda_schedule": schedule is not None, "neg_weight": schedule is not None,
+            "reinforce_pos": args.advantage_estimator == "reinforce",
+            "reinforce_neg": args.advantage_estimator == "reinforce"}
+    for switch, names in (("clip_cov", "clip_cov_ratio clip_cov_low clip_cov_high"),
+                          ("kl_cov", "kl_cov_ratio kl_cov_coef"), ("adaptive_entropy",
+                          "entropy_coef_target entropy_coef_delta entropy_coef_max")):
+        used.update(dict.fromkeys(names.split(), getattr(args, switch)))
+    settings = {f.name: getattr(args, f.name) for f in fields(Args) if f.metadata["run"]
+                and used.get(f.name, args.model == "tiny" or not f.name.startswith("warmup_"))}
+    if schedule in ("stage", "epoch"):  # lambda follows the run's length
+        settings["steps"] = args.steps
+    return settings
+
+
+def settings_differences(saved: dict, now: dict) -> list[str]:
+    """'--flag: A in the run, B now' for each run-defining setting that differs.
+    Settings missing from `saved` (an older args.json) are not compared."""
+    return [f"{flag_name(k)} {saved[k]!r} in the run, {now[k]!r} now" for k in now
+            if k in saved and saved[k] != now[k]]
 
 
 def check_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
@@ -2791,47 +2409,6 @@ def check_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
                 pass
 
 
-def run_settings(args: argparse.Namespace) -> dict:
-    """The values of RUN_SETTINGS that this run's method uses, as args.json stores them:
-    a grpo run ignores the shaping and lambda flags, so extending it with --steps is not
-    refused for the --lambda-epochs that follows --steps."""
-    unused = set()
-    if args.method not in ("ppl", "position"):
-        unused |= {"shape_from", "shape_until"}
-    if args.method != "ppl":
-        unused.add("ppl_alpha")
-    if args.method != "position":
-        unused |= {"pos_alpha", "pos_k"}
-    schedule = args.lambda_schedule if args.method == "posneg" else None
-    unused |= {k for k, used in (("pos_weight", schedule == "fixed"),
-                                 ("lambda_epochs", schedule == "epoch"),
-                                 ("entropy_target", schedule == "entropy"),
-                                 ("lambda_step", schedule == "entropy"),
-                                 ("lambda_schedule", schedule is not None),
-                                 ("neg_weight", schedule is not None)) if not used}
-    if args.advantage_estimator != "reinforce":
-        unused |= {"reinforce_pos", "reinforce_neg"}
-    if not args.clip_cov:
-        unused |= {"clip_cov_ratio", "clip_cov_low", "clip_cov_high"}
-    if not args.kl_cov:
-        unused |= {"kl_cov_ratio", "kl_cov_coef"}
-    if not args.adaptive_entropy:
-        unused |= {"entropy_coef_target", "entropy_coef_delta", "entropy_coef_max"}
-    if args.model != "tiny":
-        unused |= {k for k in RUN_SETTINGS if k.startswith("warmup_")}
-    settings = {k: getattr(args, k) for k in RUN_SETTINGS if k not in unused}
-    if schedule in ("stage", "epoch"):  # lambda follows the run's length
-        settings["steps"] = args.steps
-    return settings
-
-
-def settings_differences(saved: dict, now: dict) -> list[str]:
-    """'--flag: A in the run, B now' for each run-defining setting that differs.
-    Settings missing from `saved` (an older args.json) are not compared."""
-    return [f"{flag_name(k)} {saved[k]!r} in the run, {now[k]!r} now" for k in now
-            if k in saved and saved[k] != now[k]]
-
-
 def read_args_json(out_dir: Path) -> dict | None:
     """The run record (args.json) of a run folder, or None if it is missing or unreadable."""
     try:
@@ -2846,6 +2423,31 @@ def read_args_json(out_dir: Path) -> dict | None:
     return record
 
 
+def read_resume(args: Args, out_dir: Path, checkpoint: Path) -> tuple[dict, dict | None]:
+    """--resume: (the checkpoint's trainer state, the run record args.json), once this
+    command's run-defining settings are found to be the run's."""
+    try:
+        resume = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
+    except Exception as e:  # noqa: BLE001 (truncated or foreign file: one sentence)
+        raise SystemExit(f"error: --resume: {checkpoint / 'trainer_state.pt'} cannot be "
+                         f"read ({type(e).__name__}); start afresh with --overwrite") from None
+    record = read_args_json(out_dir)
+    if record is None:
+        print(f"warning: {out_dir / 'args.json'} is missing; the run's settings cannot be "
+              "checked against this command")
+    elif differ := settings_differences(record, run_settings(args)):
+        steps_hint = (" (the defaults of --shape-from, --shape-until and --lambda-epochs "
+                      "follow --steps: pass the run's values)"
+                      if record.get("steps") != args.steps else "")
+        raise SystemExit(f"error: --resume: this command differs from the run in {out_dir}: "
+                         f"{'; '.join(differ)}{steps_hint}. Pass the run's values, or start "
+                         "a new run with another --out-dir")
+    if args.steps < resume["step"]:
+        raise SystemExit(f"error: --resume: --steps {args.steps} is before the checkpoint's "
+                         f"step {resume['step']}")
+    return resume, record
+
+
 def clear_run(out_dir: Path) -> None:
     """--overwrite: delete what a run wrote (metrics, checkpoints, summary, model, args)."""
     for name in ("metrics.jsonl", "summary.json", "args.json"):
@@ -2854,7 +2456,7 @@ def clear_run(out_dir: Path) -> None:
         shutil.rmtree(out_dir / name, ignore_errors=True)
 
 
-def load_data(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+def load_data(args: Args) -> tuple[list[dict], list[dict]]:
     """Train and held-out problems for the chosen --dataset."""
     if args.dataset == "builtin":
         # Fixed problem sets (like a real dataset): --seed changes the order, not the problems.
@@ -2882,27 +2484,39 @@ def load_data(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
     return rows[args.eval_size:][:args.train_size], rows[:args.eval_size]
 
 
-def load_model(args: argparse.Namespace, train_set: list[dict]):
-    """(model, tokenizer) on args.device: the warmed-up tiny model, or a hub / local LM."""
-    if args.model == "tiny":
+def load_model(args: Args, train_set: list[dict], checkpoint: Path | None = None):
+    """(model, tokenizer) on args.device: from a checkpoint, the warmed-up tiny model, or a
+    hub / local LM (with gradient checkpointing if asked)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if checkpoint is not None:
+        model = AutoModelForCausalLM.from_pretrained(checkpoint)
+        tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(checkpoint))
+    elif args.model == "tiny":
         try:  # before the warm-up, which takes a while, not after it
             Path(args.cache_dir).mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise SystemExit(f"error: cannot use --cache-dir {args.cache_dir} ({e.strerror})") from None
+            raise SystemExit(f"error: cannot use --cache-dir {args.cache_dir} ({e.strerror})"
+                             ) from None
         model, tokenizer = tiny_warm_model(args, train_set)
-        return model.to(args.device), tokenizer
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if not Path(args.model).exists():
-        print(f"loading {args.model} from the hub (or its local cache)")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32,
-                                                     trust_remote_code=args.trust_remote_code)
-    except Exception as e:  # noqa: BLE001 (offline, no such repo, ...: the same advice for all)
-        raise SystemExit(f"error: could not load model '{args.model}' ({type(e).__name__}); "
-                         "if you are offline, use --preset tiny or pass --model a local folder") from None
-    return model.to(args.device), prepare_tokenizer(tokenizer)
+    else:
+        if not Path(args.model).exists():
+            print(f"loading {args.model} from the hub (or its local cache)")
+        try:
+            remote = {"trust_remote_code": args.trust_remote_code}
+            tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(args.model, **remote))
+            model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, **remote)
+        except Exception as e:  # noqa: BLE001 (offline, no such repo, ...: the same advice)
+            raise SystemExit(f"error: could not load model '{args.model}' ({type(e).__name__});"
+                             " if you are offline, use --preset tiny or pass --model a local "
+                             "folder") from None
+    if args.gradient_checkpointing:  # keep each layer's input, recompute the layer in backward
+        kwargs = {"use_reentrant": False}  # the non-reentrant form also works with frozen inputs
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x renamed it
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return model.to(args.device), tokenizer
 
 
 def prepare_tokenizer(tokenizer):
@@ -2917,15 +2531,16 @@ def prepare_tokenizer(tokenizer):
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Check the flags, load data and model (or the checkpoint), record the run in
+    args.json, train, and save the model and summary.json."""
     import sys
 
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "plot":
-        return {"plot": str(plot_command(argv[1:]))}
-    if argv and argv[0] == "compare":
-        return {"compare": compare(argv[1:])}
     from transformers.utils import logging as hf_logging
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("plot", "compare"):
+        raise SystemExit(f"error: {argv[0]} lives in tools/rlvr_tools.py now: "
+                         f"python tools/rlvr_tools.py {argv[0]} ...")
     hf_logging.disable_progress_bar()  # no bars for reading or writing a few MB of weights
     # Offline, the hub client prints a warning for each of its retries; the error that
     # load_data or load_model raises after them says it in one sentence.
@@ -2939,45 +2554,16 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     set_seed(args.seed)
     checkpoint = find_checkpoint(out_dir) if args.resume else None
-    if args.resume and checkpoint is None:
-        raise SystemExit(f"error: --resume: no complete checkpoint in {out_dir}; "
-                         "run without --resume to start afresh")
+    if args.resume and checkpoint is None:  # e.g. a run killed before its first save
+        raise SystemExit(f"error: --resume: no complete checkpoint in {out_dir}; to start "
+                         "that run afresh, pass --overwrite instead of --resume")
     train_set, eval_set = load_data(args)
     if args.lambda_epochs is None:  # the epoch schedule's E: passes over the training set
         args.lambda_epochs = max(2, math.ceil(args.steps * args.prompts_per_step / len(train_set)))
-    record = read_args_json(out_dir) if checkpoint is not None else None
-    resume = None
+    resume, record = read_resume(args, out_dir, checkpoint) if checkpoint else (None, None)
+    model, tokenizer = load_model(args, train_set, checkpoint)
     if checkpoint is not None:
-        try:
-            resume = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
-        except Exception as e:  # noqa: BLE001 (truncated or foreign file: one sentence)
-            raise SystemExit(f"error: --resume: {checkpoint / 'trainer_state.pt'} cannot be "
-                             f"read ({type(e).__name__}); start afresh with --overwrite") from None
-        if record is None:
-            print(f"warning: {out_dir / 'args.json'} is missing; the run's settings cannot be "
-                  "checked against this command")
-        else:
-            differ = settings_differences(record, run_settings(args))
-            if differ:
-                steps_hint = (" (the defaults of --shape-from, --shape-until and "
-                              "--lambda-epochs follow --steps: pass the run's values)"
-                              if record.get("steps") != args.steps else "")
-                raise SystemExit(f"error: --resume: this command differs from the run in "
-                                 f"{out_dir}: {'; '.join(differ)}{steps_hint}. Pass the run's "
-                                 "values, or start a new run with another --out-dir")
-        if args.steps < resume["step"]:
-            raise SystemExit(f"error: --resume: --steps {args.steps} is before the checkpoint's "
-                             f"step {resume['step']}")
-    if checkpoint is not None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model = AutoModelForCausalLM.from_pretrained(checkpoint).to(args.device)
-        tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(checkpoint))
         print(f"resuming from {checkpoint} at step {resume['step']}")
-    else:
-        model, tokenizer = load_model(args, train_set)
-    if args.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
     # Reseed after loading: a warm-up run and a cached run then sample the same RL batches.
     set_seed(args.seed)
     if args.overwrite:  # only now, once every input has loaded: a failing command loses nothing
@@ -2992,7 +2578,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{args.method} on {args.dataset} with {args.model}: {args.steps} steps, "
           f"{args.prompts_per_step} prompts x G={args.group_size}, device {args.device}; "
           f"shaping window [{args.shape_from}, {args.shape_until})")
-    summary = train(args, model, tokenizer, train_set, eval_set, out_dir, resume)
+    summary = train(args, model, tokenizer, train_set, eval_set, out_dir, resume=resume)
     model.save_pretrained(out_dir / "model")
     tokenizer.save_pretrained(out_dir / "model")
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
