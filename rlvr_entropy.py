@@ -982,18 +982,6 @@ def next_batch(problems: list[dict], state: LoopState, order_rng: random.Random,
     return batch
 
 
-def token_dynamics(model, out: dict, temperature: float, micro_batch_size: int,
-                   bf16: bool = False) -> dict:
-    """Re-score the step's batch under the updated policy (no grad, no RNG) and measure what
-    moved: token_movement ([A]) and entropy_change_by_quadrant ([B]'s sign rule)."""
-    mask = out["rollout"]["completion_mask"]
-    new_logp, new_entropy = old_policy_stats(model, out["rollout"], temperature,
-                                             micro_batch_size, bf16)
-    return {**token_movement(out["old_logp"], new_logp, out["entropy"], mask, out["log_ppl"]),
-            **entropy_change_by_quadrant(out["entropy"], new_entropy, out["advantages"],
-                                         out["is_top"], mask)}
-
-
 def entropy_controllers(state: LoopState, args: Args, entropy: float) -> None:
     """After step k, from its batch entropy: [B]'s entropy-guided lambda and Skywork-OR1's
     adaptive bonus (entropy_guided_lambda, adaptive_entropy_coef) set step k+1's values."""
@@ -1006,11 +994,16 @@ def entropy_controllers(state: LoopState, args: Args, entropy: float) -> None:
             args.entropy_coef_max)
 
 
-def loop_state(args: Args, resume: dict | None, optimizer, scheduler, order_rng: random.Random,
-               metrics_path: Path) -> tuple[LoopState, list[dict], float]:
-    """The state before the loop's first step: fresh, with an empty metrics.jsonl, or
-    restored from a checkpoint's trainer state (restore_training, section 13), with the
-    stage of [A] found again in the rows kept. Returns (state, those rows, the start time)."""
+def start_loop(args: Args, model, resume: dict | None, metrics_path: Path) -> tuple:
+    """What the loop carries from step to step, before its first step: (LoopState, AdamW,
+    its LR schedule (linear warm-up), the data order's RNG, the rows so far, the start
+    time). Fresh, with an empty metrics.jsonl, or restored from a checkpoint's trainer state
+    (restore_training, section 13), with the stage of [A] found again in the rows kept."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99),
+                                  weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / max(1, args.lr_warmup_steps)))
+    order_rng = random.Random(args.seed)  # data order: reshuffled each epoch over the train set
     plateau = args.shape_from == "plateau"  # shaping waits for the detected plateau
     state = LoopState(pos_weight=0.0 if args.lambda_schedule == "entropy" else args.pos_weight,
                       shape_from=args.steps if plateau else args.shape_from,  # lambda_0 = 0 in [B]
@@ -1027,38 +1020,12 @@ def loop_state(args: Args, resume: dict | None, optimizer, scheduler, order_rng:
     if plateau:  # shaping starts the step after the detection
         detected = next((r["step"] for r in history if r["stage"] == "plateau"), None)
         state.shape_from = args.steps if detected is None else detected + 1
-    return state, history, start
-
-
-def log_row(row: dict, history: list[dict], state: LoopState, args: Args,
-            metrics_path: Path) -> None:
-    """Find the stage of [A] online (detect_plateau on the rows so far; found under
-    --shape-from plateau, the shaping starts with the next batch), then append the row to
-    metrics.jsonl and to history: on disk before the next step starts."""
-    if state.stage_step is None:
-        state.stage_step = detect_plateau([r["entropy"] for r in history] + [row["entropy"]],
-                                          [r["reward"] for r in history] + [row["reward"]],
-                                          args.stage_window, args.stage_frac,
-                                          args.stage_patience)
-        if state.stage_step is not None and args.shape_from == "plateau":
-            from tqdm import tqdm
-
-            state.shape_from = row["step"] + 1
-            tqdm.write(f"plateau detected at step {row['step']} (transition ~step "
-                       f"{state.stage_step}); shaping from step {row['step'] + 1}")
-    row["stage"] = "rising" if state.stage_step is None else "plateau"
-    row["entropy_coef"] = state.entropy_bonus  # the bonus alpha this step trained with
-    with metrics_path.open("a") as f:
-        f.write(json.dumps(row) + "\n")
-    history.append(row)
+    return state, optimizer, scheduler, order_rng, history, start
 
 
 def train(args: Args, model, tokenizer, train_set: list[dict], eval_set: list[dict],
           out_dir: Path, *, resume: dict | None = None) -> dict:
-    """The RL loop. Each step: evaluate when due, rl_step on the next batch, measure what
-    the update moved, log one metrics row, move lambda and the bonus, and save a checkpoint
-    when due or on SIGINT / SIGTERM. `resume`: a checkpoint's trainer state (section 13).
-    Returns the run's summary."""
+    """The RL loop, every phase in plain sight. `resume`: a checkpoint's trainer state."""
     from tqdm import tqdm
 
     device, eos_ids = next(model.parameters()).device, stop_token_ids(model, tokenizer)
@@ -1068,13 +1035,9 @@ def train(args: Args, model, tokenizer, train_set: list[dict], eval_set: list[di
                "eos_ids": eos_ids, "micro_batch_size": args.micro_batch_size or 8}
     sampled_kw = {"k": args.eval_k, "temperature": args.eval_temperature,
                   "top_p": args.eval_top_p, "seed": args.seed + 1, **eval_kw}
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99),
-                                  weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / max(1, args.lr_warmup_steps)))
-    order_rng = random.Random(args.seed)  # data order: reshuffled each epoch over the train set
     metrics_path = out_dir / "metrics.jsonl"
-    state, history, start = loop_state(args, resume, optimizer, scheduler, order_rng, metrics_path)
+    state, optimizer, scheduler, order_rng, history, start = start_loop(args, model, resume,
+                                                                        metrics_path)
 
     def now() -> float:  # CUDA kernels run asynchronously: wait, or phase times are wrong
         if args.profile and device.type == "cuda":
@@ -1109,14 +1072,13 @@ def train(args: Args, model, tokenizer, train_set: list[dict], eval_set: list[di
         # 3. what the update moved, re-scored under the new policy (section 10)
         movement, tic = None, now()
         if args.token_dynamics_every and step % args.token_dynamics_every == 0:
-            movement = token_dynamics(model, out, args.temperature, args.micro_batch_size,
-                                      args.bf16)
+            movement = token_dynamics(model, out, args)
         out["phases"]["token_dynamics"] = now() - tic
         scheduler.step()
-        state.nonfinite_skips += out["update"]["skipped_updates"]
-        if out["update"]["skipped_updates"]:
+        if skipped := out["update"]["skipped_updates"]:
+            state.nonfinite_skips += skipped
             tqdm.write(f"warning: non-finite {'loss' if out['rewards_ok'] else 'reward'} at "
-                       f"step {step}; {out['update']['skipped_updates']} update(s) skipped")
+                       f"step {step}; {skipped} update(s) skipped")
         # 4. one metrics row (section 10) and the stage of [A]
         loop = {"accuracy": state.accuracy if due else None, "sampled": sampled,
                 "pos_weight": state.pos_weight if args.method == "posneg" else None,
@@ -1124,44 +1086,35 @@ def train(args: Args, model, tokenizer, train_set: list[dict], eval_set: list[di
                 "eval_s": eval_s, "device": device, "step_time": time.time() - t0,
                 "time": time.time() - start, "calibration": calibration, "movement": movement}
         row = metrics_row(step, out, loop, args.group_size)
-        log_row(row, history, state, args, metrics_path)
-        bar.set_postfix({"reward": f"{row['reward']:.2f}", "acc": f"{state.accuracy:.2f}",
-                         "H": f"{row['entropy']:.3f}", "stage": row["stage"],
-                         **({"lambda": f"{state.pos_weight:.2f}"} if loop["pos_weight"] else {})})
-        if args.profile:
-            tqdm.write(format_profile(step, row["profile"]))
+        log_row(row, history, state, args, metrics_path, bar)
         # 5. the controllers set the next step's lambda and bonus; a checkpoint when due
         entropy_controllers(state, args, row["entropy"])
         state.step = step + 1
         if stop["signum"] is not None or (args.save_every and state.step % args.save_every == 0):
             save_checkpoint(out_dir, model, tokenizer, checkpoint_state(
                 state, optimizer, scheduler, order_rng, time.time() - start))
-        if stop["signum"] is not None:
-            bar.close()
-            stop_after_signal(stop["signum"], step, out_dir, previous_handlers)
+            if stop["signum"] is not None:
+                stop_after_signal(stop["signum"], step, out_dir, previous_handlers, bar)
     restore_signal_handlers(previous_handlers)
     final = greedy_calibration(model, tokenizer, eval_set, **eval_kw)
-    final_sampled = (evaluate_sampled(model, tokenizer, eval_set, **sampled_kw) if args.eval_k
-                     else (None, None))
-    summary = run_summary(args, history, state, final, final_sampled, time.time() - start)
+    sampled = evaluate_sampled(model, tokenizer, eval_set, **sampled_kw) if args.eval_k else (
+        None, None)
+    summary = run_summary(args, history, state, final, sampled, time.time() - start)
     if args.profile:
         print(format_profile("mean", summary["profile"]))
     return summary
 
 
 # =========================================================================================
-# 10. Entropy analysis of [A], computed live, and the metrics row (not needed to train)
-# Stage: [A] splits training into a rising stage (accuracy climbs, entropy falls fast) and
-#   a plateau stage (both flatten). Our online rule: slope_x(t) = least-squares slope of x
-#   over the last w steps. The rising stage is "reward climbs and entropy falls", so we
-#   keep the steepest climb so far, up_R(t) = max_{s<=t} slope_R(s), and the steepest fall,
-#   down_H(t) = max_{s<=t} -slope_H(s). The plateau starts once slope_R < f*up_R and
-#   -slope_H < f*down_H (neither still moving the rising way) for `patience` steps in a
-#   row. Signed slopes matter: the reward of a 256-sample batch is noisy, and a wobble
-#   down is not "still rising". The slope at t describes the centre of its window, so the
-#   transition is reported as the first of those steps minus w//2.
-# Views, per step: entropy / log-PPL of positive vs negative responses; where the batch's
-#   top-20% entropy tokens sit across response-PPL terciles; entropy by position decile.
+# 10. Entropy analysis of [A] and [B], computed live, and the metrics row (not needed to train)
+# Stage: [A]'s rising stage (reward climbs, entropy falls fast) ends in a plateau. Online:
+#   slope_x(t) = least-squares slope of x over the last w steps; up_R(t) = max_{s<=t}
+#   slope_R(s), down_H(t) = max_{s<=t} -slope_H(s). The plateau starts once slope_R <
+#   f up_R and -slope_H < f down_H for `patience` steps in a row (signed: a noisy wobble
+#   down is not "still rising"), reported at the first of them minus w//2.
+# Views per step: entropy and log-PPL of right vs wrong responses, where the top-20%
+#   entropy tokens sit across PPL terciles and positions, diversity, calibration, and what
+#   each update moved.
 # =========================================================================================
 
 
@@ -1331,16 +1284,12 @@ QUADRANTS = ("pos_top", "pos_other", "neg_top", "neg_other")
 def entropy_change_by_quadrant(entropy_old: torch.Tensor, entropy_new: torch.Tensor,
                                advantages: torch.Tensor, is_top: torch.Tensor,
                                mask: torch.Tensor) -> dict:
-    """[B]'s sign rule, read off a run. The step's entropy change at each valid token,
-    dH_t = H_new,t - H_old,t, split by the sign of A_t and by whether o_t was pi_old's most
-    likely token: pos_top, pos_other, neg_top, neg_other (tokens with A = 0 in none).
-      dh_share_q = share of valid tokens in quadrant q
-      dh_sum_q   = sum of dH_t over q / number of valid tokens (the four, with the A = 0
-                   tokens, add up to the mean dH)
-    The first-order rule predicts dH < 0 for pos_top and neg_other (mass moves to a likely
-    token, or off an unlikely one) and dH > 0 for pos_other and neg_top. The change at a
-    position comes from the whole update, not from its own token alone: a measurement of
-    where entropy moved, by quadrant, not an attribution. (B, T) x 5 -> dict."""
+    """[B]'s sign rule, read off a run: dH_t = H_new,t - H_old,t at each valid token, split
+    by the sign of A_t and by whether o_t was pi_old's top token (pos_top, pos_other,
+    neg_top, neg_other; A = 0 in none). dh_share_q = share of valid tokens in q; dh_sum_q =
+    sum of dH_t over q / valid tokens. The rule predicts dH < 0 for pos_top and neg_other,
+    > 0 for the others; dH comes from the whole update, so this measures where entropy
+    moved, not what moved it. (B, T) x 5 -> dict."""
     valid = mask > 0
     n = valid.sum().clamp(min=1)
     d = torch.where(valid, entropy_new - entropy_old, 0.0)
@@ -1365,11 +1314,8 @@ def format_profile(step: int | str, profile: dict) -> str:
 @torch.no_grad()
 def logp_adv_covariance(logprobs: torch.Tensor, advantages: torch.Tensor,
                         mask: torch.Tensor) -> float:
-    """Cov(log pi(o_t), A_t) over the batch's valid tokens: (B, T) x 3 -> float.
-
-    Cui et al. (arXiv 2505.22617) show the entropy change of one policy-gradient step is
-    about -lr * this covariance: positive -> entropy falls next, negative -> it rises.
-    """
+    """Cov(log pi(o_t), A_t) over the batch's valid tokens: (B, T) x 3 -> float. One policy
+    gradient step changes entropy by about -lr times it (Cui et al., arXiv 2505.22617)."""
     n = mask.sum()
     mean_lp, mean_a = (logprobs * mask).sum() / n, (advantages * mask).sum() / n
     return (((logprobs - mean_lp) * (advantages - mean_a) * mask).sum() / n).item()
@@ -1386,6 +1332,47 @@ def peak_memory_mb(device: torch.device) -> float | None:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
 
 
+def token_dynamics(model, out: dict, args: Args) -> dict:
+    """Re-score the step's batch (`out`, from rl_step) under the updated policy (no grad,
+    no RNG) and measure what moved: token_movement ([A]) and entropy_change_by_quadrant
+    ([B]'s sign rule)."""
+    mask = out["rollout"]["completion_mask"]
+    new_logp, new_entropy = old_policy_stats(model, out["rollout"], args.temperature,
+                                             args.micro_batch_size, args.bf16)
+    return {**token_movement(out["old_logp"], new_logp, out["entropy"], mask, out["log_ppl"]),
+            **entropy_change_by_quadrant(out["entropy"], new_entropy, out["advantages"],
+                                         out["is_top"], mask)}
+
+
+def log_row(row: dict, history: list[dict], state: LoopState, args: Args, metrics_path: Path,
+            bar) -> None:
+    """Find the stage of [A] online (detect_plateau on the rows so far; found under
+    --shape-from plateau, the shaping starts with the next batch), append the row to
+    metrics.jsonl (on disk before the next step starts) and to history, and show it on the
+    progress bar (and, with --profile, as a line: format_profile)."""
+    from tqdm import tqdm
+
+    if state.stage_step is None:
+        state.stage_step = detect_plateau([r["entropy"] for r in history] + [row["entropy"]],
+                                          [r["reward"] for r in history] + [row["reward"]],
+                                          args.stage_window, args.stage_frac,
+                                          args.stage_patience)
+        if state.stage_step is not None and args.shape_from == "plateau":
+            state.shape_from = row["step"] + 1
+            tqdm.write(f"plateau detected at step {row['step']} (transition ~step "
+                       f"{state.stage_step}); shaping from step {row['step'] + 1}")
+    row["stage"] = "rising" if state.stage_step is None else "plateau"
+    row["entropy_coef"] = state.entropy_bonus  # the bonus alpha this step trained with
+    with metrics_path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    history.append(row)
+    bar.set_postfix({"reward": f"{row['reward']:.2f}", "acc": f"{state.accuracy:.2f}",
+                     "H": f"{row['entropy']:.3f}", "stage": row["stage"],
+                     **({"lambda": f"{state.pos_weight:.2f}"} if args.method == "posneg" else {})})
+    if args.profile:
+        tqdm.write(format_profile(row["step"], row["profile"]))
+
+
 def metrics_row(step: int, out: dict, loop: dict, group_size: int) -> dict:
     """One row of metrics.jsonl (docs/outputs.md lists the fields) from what rl_step
     returned (`out`) and the loop's values for this step (`loop`: accuracy, sampled (avg@k,
@@ -1399,13 +1386,9 @@ def metrics_row(step: int, out: dict, loop: dict, group_size: int) -> dict:
     pos, neg = is_pos[:, None] * mask, ~is_pos[:, None] * mask
     calibration, movement = loop["calibration"], loop["movement"]
     return {
-        "step": step,
-        "reward": rewards.mean().item(),
-        "accuracy": loop["accuracy"],
-        "entropy": masked_mean(entropy, mask),
-        "entropy_pos": masked_mean(entropy, pos),
-        "entropy_neg": masked_mean(entropy, neg),
-        "log_ppl": log_ppl.mean().item(),
+        "step": step, "reward": rewards.mean().item(), "accuracy": loop["accuracy"],
+        "entropy": masked_mean(entropy, mask), "entropy_pos": masked_mean(entropy, pos),
+        "entropy_neg": masked_mean(entropy, neg), "log_ppl": log_ppl.mean().item(),
         "log_ppl_pos": log_ppl[is_pos].mean().item() if is_pos.any() else None,
         "log_ppl_neg": log_ppl[~is_pos].mean().item() if (~is_pos).any() else None,
         "high_entropy_ppl_terciles": high_entropy_ppl_terciles(entropy, mask, log_ppl),
@@ -1419,11 +1402,9 @@ def metrics_row(step: int, out: dict, loop: dict, group_size: int) -> dict:
                                                   "move_ppl_terciles", "move_by_position",
                                                   *(f"dh_{m}_{q}" for m in ("share", "sum")
                                                     for q in QUADRANTS))},
-        "response_len": mask.sum(1).mean().item(),
-        "shows_work": shows_work(out["texts"]),
+        "response_len": mask.sum(1).mean().item(), "shows_work": shows_work(out["texts"]),
         "truncated_frac": out["rollout"]["truncated"].float().mean().item(),
-        "zero_var_frac": out["zero_var"].float().mean().item(),
-        "shaping": out["shaping"],
+        "zero_var_frac": out["zero_var"].float().mean().item(), "shaping": out["shaping"],
         "ppl_weight_min": out["ppl_weight"].min().item(),
         "ppl_weight_max": out["ppl_weight"].max().item(),
         "adv_abs_mean": masked_mean(out["advantages"].abs(), mask),
@@ -1434,12 +1415,9 @@ def metrics_row(step: int, out: dict, loop: dict, group_size: int) -> dict:
                                             out["advantages"] * out["token_weights"], mask),
         **{k: update[k] for k in ("loss", "clip_frac_low", "clip_frac_high", "approx_kl",
                                   "grad_norm")},
-        "lr": loop["lr"],
-        "nonfinite_skips": loop["nonfinite_skips"],
-        "avg_at_k": loop["sampled"][0],
-        "pass_at_k": loop["sampled"][1],
-        "step_time": loop["step_time"],
-        "time": loop["time"],
+        "lr": loop["lr"], "nonfinite_skips": loop["nonfinite_skips"],
+        "avg_at_k": loop["sampled"][0], "pass_at_k": loop["sampled"][1],
+        "step_time": loop["step_time"], "time": loop["time"],
         "profile": {"eval_s": loop["eval_s"], **{f"{k}_s": v for k, v in phases.items()},
                     "gen_tokens_per_s": mask.sum().item() / max(phases["rollout"], 1e-9),
                     "peak_mem_mb": peak_memory_mb(loop["device"])},
@@ -1707,36 +1685,29 @@ def reward_function(name: str = "math", last_number_fallback: bool = False):
 
 # =========================================================================================
 # 12. The tiny preset: a character-level tokenizer, a small Qwen2, a supervised warm-up
-# Real RLVR starts from an instruct model that already answers in the right format and
-# reasons, with systematic mistakes that RL can fix. The tiny preset builds that start in
-# about three minutes: a supervised warm-up imitates a student who shows every step of the
-# built-in sums but gets most carries and borrows wrong (`student_solution`). Trained to
-# convergence, the model is right where the student is, on the problems without a carry
-# or borrow (about 19%), whatever the seed or torch build. RL must then find the carry,
-# which the model still writes with probability 1 - slip, inside a worked solution: the
-# work is the only way to the answer. The result is cached on disk, keyed by everything
-# it depends on. The default warm-up's weights also ship in testdata/ (0.8 MB), so a
-# first run goes straight to RL and every machine starts from the same model: trained
-# here, the weights move with the CPU's float kernels. --train-warmup trains them anyway,
-# and a test retrains the default and checks the shipped file against it.
+# Real RLVR starts from an instruct model that answers in the right format, with
+# systematic mistakes that RL can fix. The warm-up builds that start: it imitates a
+# student who shows every step of the built-in sums but gets most carries and borrows
+# wrong (student_solution), so the converged model is right only on the problems without
+# one (about 19%), whatever the seed or torch build. RL must find the carry, which the
+# model still writes with probability 1 - slip. The default warm-up's weights ship in
+# testdata/ (0.8 MB): trained here, they would move with the CPU's float kernels. Other
+# warm-ups, and the default with --train-warmup, are trained and cached on disk.
 # =========================================================================================
 
 TINY_MODEL = {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 3,
               "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
-# torch's own thread count, read at import, before --threads changes it: the warm-up's
-# default (--warmup-threads 0), since its batches gain from every core and RL's do not.
+# torch's own thread count, read before --threads changes it: the warm-up's batches gain
+# from every core, RL's do not.
 DEFAULT_THREADS = torch.get_num_threads()
 SHIPPED_WARMUPS = Path(__file__).resolve().parent / "testdata"  # tiny-warmup-<key>.safetensors
 
 
 def make_arithmetic_problem(rng: random.Random, n_terms: tuple[int, int] = (4, 5),
                             max_operand: int = 9, max_value: int = 19) -> dict:
-    """One built-in problem. The solution shows its work one operation per step.
-
-    question "7-1+9-7", solution "7-1=6 6+9=15 15-7=8 #### 8", answer "8".
-    Every running value stays in [0, max_value]: a small model then has a table of about
-    200 one-step facts to learn, and what makes a problem hard is chaining them.
-    """
+    """One built-in problem: question "7-1+9-7", solution "7-1=6 6+9=15 15-7=8 #### 8",
+    answer "8". Every running value stays in [0, max_value]: about 200 one-step facts to
+    learn, and what makes a problem hard is chaining them."""
     value = rng.randint(1, max_operand)
     question, steps = str(value), []
     for _ in range(rng.randint(*n_terms) - 1):
@@ -1753,11 +1724,8 @@ def make_arithmetic_problem(rng: random.Random, n_terms: tuple[int, int] = (4, 5
 
 
 def builtin_task(n: int, seed: int, exclude: set[str] | None = None) -> list[dict]:
-    """n problems drawn with random.Random(seed), skipping questions in `exclude`.
-
-    The held-out split uses another seed and excludes every training question, so the two
-    splits share no problem.
-    """
+    """n problems drawn with random.Random(seed), skipping the questions in `exclude`
+    (the held-out split excludes every training question)."""
     rng, out, seen = random.Random(seed), [], set(exclude or ())
     while len(out) < n:
         p = make_arithmetic_problem(rng)
@@ -1768,14 +1736,9 @@ def builtin_task(n: int, seed: int, exclude: set[str] | None = None) -> list[dic
 
 
 def build_char_tokenizer():
-    """One token per printable ASCII character plus newline, with <pad>, <eos> and <unk>.
-
-    Space and newline are spelled 'Ġ' and 'Ċ', as in GPT-2's byte-level alphabet, where
-    every other printable ASCII character stands for itself. transformers loads any
-    tokenizer saved next to a Qwen2 model as a Qwen2Tokenizer, which maps text to that
-    alphabet first. With this spelling it gives back the same ids, so a saved tiny model
-    reloads with AutoTokenizer unchanged.
-    """
+    """One token per printable ASCII character and newline, plus <pad>, <eos>, <unk>.
+    Space and newline are spelled 'Ġ' and 'Ċ' as in GPT-2's byte-level alphabet, so the
+    Qwen2Tokenizer that AutoTokenizer makes of a saved tiny model gives the same ids."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -1803,11 +1766,8 @@ def build_tiny_model(tokenizer, seed: int):
 
 
 def crossing(value: int, op: str, term: int) -> bool:
-    """Whether a step carries (7+5: ones digits sum past 9) or borrows (15-7: 5 < 7).
-
-    These are the steps a primary-school student gets wrong, and the ones the warm-up
-    teaches the tiny model to get wrong (`student_solution`).
-    """
+    """Whether a step carries (7+5: ones digits sum past 9) or borrows (15-7: 5 < 7): the
+    steps a student gets wrong, and the warm-up teaches the tiny model to (student_solution)."""
     if value < 0:  # only reachable after a slip; no mistake is planted there
         return False
     return value % 10 + term % 10 >= 10 if op == "+" else value % 10 < term % 10 <= value
@@ -1816,20 +1776,13 @@ def crossing(value: int, op: str, term: int) -> bool:
 def student_solution(question: str, rng: random.Random, slip: float = 0.75,
                      off_by_one: float = 1 / 3, comma: float = 0.0) -> str:
     """The worked solution of a student with a systematic bug, for the warm-up targets.
-
     On a crossing step the student slips with probability `slip` and forgets the ten
     (7+5=2, 15-7=18); a share `off_by_one` of those slips also miscounts by one (7+5=1 or
-    3). Later steps carry on from the slipped value; every other step is right. Between
-    two steps the student writes ', ' with probability `comma`, else ' '.
-
-    A converged warm-up imitates this student, so its greedy answer is right exactly on
-    the problems without a crossing step: the start accuracy is a property of the task
-    (`crossing_free_share`), not of the optimiser or the torch build. Each miscount is
-    rarer than the forgotten ten, so greedy decoding writes the forgotten ten. The
-    correct step keeps probability 1 - slip, for RL to find; the slips are likely tokens,
-    so wrong responses are confident ones. The comma (off in the preset) is a style fork
-    that the reward does not read, for probing [B] (docs/results.md).
-    """
+    3). Later steps go on from the slipped value; every other step is right. Between two
+    steps the student writes ', ' with probability `comma` (a style fork the reward does
+    not read, for probing [B]), else ' '. A converged warm-up imitates the student, so its
+    greedy answer is right exactly on the problems without a crossing step; the slips are
+    likely tokens, so its wrong responses are confident ones."""
     terms = re.findall(r"[+-]?[0-9]+", question)
     value, steps = int(terms[0]), []
     for t in terms[1:]:
@@ -1847,19 +1800,6 @@ def student_solution(question: str, rng: random.Random, slip: float = 0.75,
     return text + f" #### {value}"
 
 
-def crossing_free_share(problems: list[dict]) -> float:
-    """Share of problems with no crossing step: where a converged warm-up is right."""
-    def free(q: str) -> bool:
-        terms = re.findall(r"[+-]?[0-9]+", q)
-        value = int(terms[0])
-        for t in terms[1:]:
-            if crossing(value, t[0], int(t[1:])):
-                return False
-            value = value + int(t[1:]) if t[0] == "+" else value - int(t[1:])
-        return True
-    return sum(free(p["question"]) for p in problems) / len(problems)
-
-
 def supervised_warmup(model, tokenizer, problems: list[dict], steps: int, *, batch_size: int,
                       lr: float, seed: int, slip: float = 0.75, off_by_one: float = 1 / 3,
                       comma: float = 0.0) -> list[float]:
@@ -1868,15 +1808,14 @@ def supervised_warmup(model, tokenizer, problems: list[dict], steps: int, *, bat
     is seen. Returns the loss per step."""
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    # Cosine decay to 10%: the last steps average over many draws of the slips, so the
-    # model ends on the student's probabilities rather than on the last batches' draws.
+    # Cosine decay to 10%: the model ends on the student's probabilities, averaged over
+    # many draws of the slips, not on the last batches' draws.
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.1 + 0.45 * (1 + math.cos(math.pi * s / max(1, steps))))
     from tqdm import tqdm
 
     losses = []
     model.train()
-    # A transient bar, shown only on a terminal: the training bar and the log stay clean.
     bar = tqdm(range(steps), desc="warm-up", leave=False, disable=None, dynamic_ncols=True)
     for step in bar:
         batch = rng.sample(problems, batch_size)
@@ -1925,9 +1864,7 @@ def tiny_warm_model(args: Args, train_set: list[dict]):
         from safetensors.torch import load_model
         print(f"warm-up: using its shipped weights, testdata/{shipped.name} "
               "(--train-warmup trains them here: about 3.5 minutes on 2 cores)")
-        # Built from TINY_MODEL by this transformers, not from a saved config: any version
-        # in requirements.txt reads the file the same way.
-        model = build_tiny_model(tokenizer, args.warmup_seed)
+        model = build_tiny_model(tokenizer, args.warmup_seed)  # any transformers reads it
         load_model(model, shipped)
         return model.eval(), tokenizer  # as from_pretrained returns it
     if not (folder / "config.json").exists():
@@ -1957,24 +1894,10 @@ def tiny_warm_model(args: Args, train_set: list[dict]):
 # =========================================================================================
 # 13. Checkpoints, resume and interruptions (not needed to follow the method)
 # A checkpoint holds the model and tokenizer (save_pretrained) and trainer_state.pt: the
-# next step, optimizer and LR-scheduler state, every RNG state, lambda, the data order,
-# the skip count and the last accuracy. With all of it restored, a resumed CPU run
-# reproduces the uninterrupted run's metrics exactly. The write is atomic: build
-# checkpoint.tmp/, move the old checkpoint aside, rename, then delete the old one. A
-# crash at any instant leaves a complete checkpoint/ or checkpoint.old/.
+# LoopState, optimizer and LR scheduler, and every RNG, so a resumed CPU run reproduces
+# the uninterrupted run's rows exactly. The write is atomic (checkpoint.tmp/, then two
+# renames): a crash at any instant leaves a complete checkpoint/ or checkpoint.old/.
 # =========================================================================================
-
-
-def get_rng_state() -> dict:
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_checkpoint(out_dir: Path, model, tokenizer, state: dict) -> bool:
@@ -1982,7 +1905,7 @@ def save_checkpoint(out_dir: Path, model, tokenizer, state: dict) -> bool:
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         print("warning: non-finite weights; checkpoint not written")
         return False
-    final, tmp, old = out_dir / "checkpoint", out_dir / "checkpoint.tmp", out_dir / "checkpoint.old"
+    final, tmp, old = (out_dir / n for n in ("checkpoint", "checkpoint.tmp", "checkpoint.old"))
     shutil.rmtree(tmp, ignore_errors=True)  # a save that died half-way
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
@@ -2040,20 +1963,23 @@ def restore_signal_handlers(previous: dict) -> None:
         signal.signal(s, h)
 
 
-def stop_after_signal(signum: int, step: int, out_dir: Path, previous: dict) -> None:
+def stop_after_signal(signum: int, step: int, out_dir: Path, previous: dict, bar) -> None:
     """After the checkpoint that a SIGINT / SIGTERM asked for: say how to resume, and exit."""
+    bar.close()
     restore_signal_handlers(previous)
     print(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint saved in "
           f"{out_dir / 'checkpoint'}. Resume with the same command plus --resume")
     raise SystemExit(128 + signum)
 
 
-def checkpoint_state(state, optimizer, scheduler, order_rng: random.Random, elapsed: float) -> dict:
+def checkpoint_state(state, optimizer, scheduler, order_rng: random.Random,
+                     elapsed: float) -> dict:
     """trainer_state.pt: the loop's state (LoopState) plus optimizer, LR scheduler, the data
     order's RNG, every other RNG, and the seconds trained so far."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
     return {**asdict(state), "order_rng": order_rng.getstate(), "elapsed": elapsed,
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "rng": get_rng_state()}
+            "rng": {"python": random.getstate(), "torch": torch.get_rng_state(), "cuda": cuda}}
 
 
 def restore_training(resume: dict, state, optimizer, scheduler, order_rng: random.Random,
@@ -2065,11 +1991,13 @@ def restore_training(resume: dict, state, optimizer, scheduler, order_rng: rando
     order_rng.setstate(resume["order_rng"])
     state.step, state.order = resume["step"], resume["order"]
     state.nonfinite_skips, state.accuracy = resume["nonfinite_skips"], resume["accuracy"]
-    state.pos_weight = resume["pos_weight"] if "pos_weight" in resume else resume["lam"]
-    state.entropy_coef = resume.get("entropy_coef", state.entropy_coef)
-    state.entropy_bonus = resume.get("entropy_bonus", state.entropy_bonus)
+    state.pos_weight = resume["pos_weight"]
+    state.entropy_coef, state.entropy_bonus = resume["entropy_coef"], resume["entropy_bonus"]
     history = truncate_metrics(metrics_path, state.step)
-    set_rng_state(resume["rng"])  # last: nothing above draws from an RNG
+    random.setstate(resume["rng"]["python"])  # last: nothing above draws from an RNG
+    torch.set_rng_state(resume["rng"]["torch"])
+    if resume["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
     return history, time.time() - resume["elapsed"]
 
 
@@ -2082,10 +2010,10 @@ def restore_training(resume: dict, state, optimizer, scheduler, order_rng: rando
 # =========================================================================================
 
 
-def setting(default, help: str, range: str | None = None, choices: tuple | None = None,
+def setting(default, help: str, range: str | None = None, choices: tuple | None = None, *,
             run: bool = True, group: str | None = None, parse=None):
     """One field of Args. run: the setting defines the run (--resume refuses to change it);
-    group: the --help group this field opens; parse: argparse's type, when not the field's."""
+    group: the --help group this field opens; parse: argparse's type, if not the field's."""
     return field(default=default, metadata={"help": help, "range": range, "choices": choices,
                                             "run": run, "group": group, "parse": parse})
 
@@ -2103,113 +2031,83 @@ def step_or_plateau(value: str) -> int | str:
 @dataclass
 class Args:
     """Every setting of a run. The flag of a field is --field-name (--no-bf16 for bf16)."""
-    method: str = setting("grpo", "grpo; ppl or position shaping [A]; posneg weights [B]",
-                          choices=METHODS, group="run")
-    preset: str | None = setting(None, "tiny (CPU) or gsm8k (GPU); default: gsm8k when CUDA "
-                                 "is found, else tiny", choices=("gsm8k", "tiny"))
+    method: str = setting("grpo", "grpo; ppl or position [A]; posneg [B]", choices=METHODS,
+                          group="run")
+    preset: str | None = setting(None, "tiny (CPU) or gsm8k (GPU); default: gsm8k if CUDA",
+                                 choices=("gsm8k", "tiny"))
     seed: int = setting(0, "seed of data order, sampling and initialisation", "[0, inf)")
     steps: int = setting(100, "RL steps", "[1, inf)", run=False)
-    out_dir: str | None = setting(None, "run folder (default runs/<preset>-<method>-seed<seed>)",
-                                  run=False)
-    save_every: int = setting(0, "checkpoint every N steps (0: only on SIGINT/SIGTERM)",
-                              "[0, inf)", run=False)
-    resume: bool = setting(False, "continue from <out-dir>/checkpoint with the same "
-                           "run-defining flags (docs/resume.md lists those that may change)",
-                           run=False)
+    out_dir: str | None = setting(None, "default runs/<preset>-<method>-seed<seed>", run=False)
+    save_every: int = setting(0, "checkpoint every N steps (0: on a signal)", "[0, inf)",
+                              run=False)
+    resume: bool = setting(False, "continue from <out-dir>/checkpoint", run=False)
     overwrite: bool = setting(False, "replace a run already in --out-dir", run=False)
-    model: str = setting("tiny", "hub name or local folder of a causal LM; 'tiny': the "
-                         "built-in one", group="data and reward")
-    dataset: str = setting("builtin", "'builtin', 'gsm8k', or a .jsonl/.json/.parquet/.csv file")
+    model: str = setting("tiny", "hub name or local folder; tiny: the built-in one",
+                         group="data and reward")
+    dataset: str = setting("builtin", "builtin, gsm8k, or a .jsonl/.json/.parquet/.csv file")
     question_field: str = setting("question", "question column of a dataset file")
     answer_field: str = setting("answer", "answer column of a dataset file")
-    train_size: int | None = setting(5000, "training problems: the built-in task makes this "
-                                     "many; GSM8K or a file keeps the first N (gsm8k: all)",
-                                     "[1, inf)")
-    eval_size: int = setting(500, "held-out problems for evaluation", "[1, inf)")
+    train_size: int | None = setting(5000, "training problems (a file: its first N)", "[1, inf)")
+    eval_size: int = setting(500, "held-out problems", "[1, inf)")
     instruction: str = setting("", "text appended to each question in the prompt")
-    reward: str = setting("math", "the built-in exact reward, or the math-verify library",
+    reward: str = setting("math", "grader: the exact one, or math-verify",
                           choices=("math", "math-verify"))
-    last_number_fallback: bool = setting(False, "with no answer marker, grade the last number "
-                                         "in the text")
+    last_number_fallback: bool = setting(False, "no answer marker: grade the last number")
     prompts_per_step: int = setting(32, "prompts per RL step", "[1, inf)", group="rollouts")
     group_size: int = setting(8, "responses per prompt (G)", "[2, inf)")
     max_new_tokens: int = setting(48, "response length limit", "[1, inf)")
     temperature: float = setting(1.0, "sampling temperature T", "(0, inf)")
     top_p: float = setting(1.0, "nucleus sampling threshold", "(0, 1]")
-    no_std_scaling: bool = setting(False, "do not divide by the group std (Dr. GRPO)",
+    no_std_scaling: bool = setting(False, "no division by the group std (Dr. GRPO)",
                                    group="advantages and the shaping of [A]")
     ppl_alpha: float = setting(0.01, "ppl: alpha of clamp(1 - alpha z, 0.8, 1.2)", "[0, inf)")
     pos_alpha: float = setting(0.1, "position: bonus scale alpha", "[0, inf)")
     pos_k: float = setting(15.0, "position: sigmoid steepness k", "(0, inf)")
     shape_from: int | str | None = setting(None, "first shaped step (default steps/3), or "
-                                           "'plateau'", "[0, inf)", parse=step_or_plateau)
-    shape_until: int | None = setting(None, "first unshaped step after it (default steps/2; "
-                                      "the end with 'plateau')", "[0, inf)")
+                                           "plateau", "[0, inf)", parse=step_or_plateau)
+    shape_until: int | None = setting(None, "first unshaped step (default steps/2)", "[0, inf)")
     stage_window: int = setting(10, "stage detector: steps per slope", "[3, inf)")
-    stage_frac: float = setting(0.25, "stage detector: plateau below this fraction of the "
-                                "steepest slopes", "(0, 1)")
-    stage_patience: int = setting(5, "stage detector: ... for this many steps", "[1, inf)")
-    pos_weight: float = setting(1.0, "lambda, the weight of tokens with A > 0 (fixed "
-                                "schedule); 0: negative-only", "[0, 1]",
-                                group="posneg: positive/negative-advantage weights of [B]")
-    neg_weight: float = setting(1.0, "weight of tokens with A < 0; 0: positive-only",
-                                "[0, inf)")
+    stage_frac: float = setting(0.25, "stage detector: share of the steepest slope", "(0, 1)")
+    stage_patience: int = setting(5, "stage detector: steps below it", "[1, inf)")
+    pos_weight: float = setting(1.0, "lambda, the weight of A > 0 tokens; 0: negative-only",
+                                "[0, 1]", group="posneg [B]")
+    neg_weight: float = setting(1.0, "weight of A < 0 tokens; 0: positive-only", "[0, inf)")
     lambda_schedule: str = setting("fixed", "how lambda moves",
                                    choices=("fixed", "stage", "epoch", "entropy"))
-    entropy_target: float = setting(0.027, "entropy schedule: delta (gsm8k 0.2 as in [B]; tiny "
-                                    "between its negative- and positive-only entropies)",
-                                    "(0, inf)")
+    entropy_target: float = setting(0.027, "entropy schedule: delta ([B] 0.2)", "(0, inf)")
     lambda_step: float = setting(0.05, "entropy schedule: lambda change per step", "(0, 1]")
-    lambda_epochs: int | None = setting(None, "epoch schedule: E (default: passes over the "
-                                        "data, at least 2)", "[2, inf)")
-    advantage_estimator: str = setting(
-        "grpo", "grpo: group-normalised; reinforce: W-REINFORCE / PSR / NSR (arXiv "
-        "2506.01347), no baseline", choices=("grpo", "reinforce"),
-        group="the field's entropy controls (compose with any --method)")
-    reinforce_pos: float = setting(0.1, "reinforce: A of a correct response (lambda; 0.1 is "
-                                   "W-REINFORCE, 1 with --reinforce-neg 0 is PSR)", "[0, inf)")
-    reinforce_neg: float = setting(1.0, "reinforce: -A of a wrong response (1 with "
-                                   "--reinforce-pos 0 is NSR)", "[0, inf)")
-    forking_top: float = setting(1.0, "keep the loss only on the batch's top fraction of "
-                                 "token entropies (arXiv 2506.01939: 0.2; 1: off)", "(0, 1]")
-    clip_cov: bool = setting(False, "Clip-Cov (arXiv 2505.22617): remove the gradient of a "
-                             "random few tokens whose covariance lies in (low, high)")
-    clip_cov_ratio: float = setting(5e-3, "Clip-Cov: share of tokens (gsm8k 2e-4 as released "
-                                    "in verl: 1 token in 5,000; tiny about 40 of its 8,000)",
-                                    "(0, 1]")
-    clip_cov_low: float = setting(1.0, "Clip-Cov: lower covariance bound (as released)",
-                                  "[0, inf)")
-    clip_cov_high: float = setting(5.0, "Clip-Cov: upper covariance bound (as released)",
-                                   "(0, inf)")
-    kl_cov: bool = setting(False, "KL-Cov (arXiv 2505.22617): a |log pi - log pi_old| "
-                           "penalty on the top-covariance tokens, in place of the PPO clip")
-    kl_cov_ratio: float = setting(1e-2, "KL-Cov: share of tokens (gsm8k 2e-4 as in verl's "
-                                  "config; tiny about 80 of its 8,000 tokens)", "(0, 1]")
-    kl_cov_coef: float = setting(1.0, "KL-Cov: the penalty's coefficient (verl's config 0.1; "
-                                 "its KL-Cov recipes 1)", "[0, inf)")
-    entropy_coef: float = setting(0.0, "entropy bonus alpha: loss -= alpha * mean token "
-                                  "entropy (TRL entropy_coef, verl entropy_coeff); with "
-                                  "--adaptive-entropy, its start value (released 0)", "[0, inf)")
-    adaptive_entropy: bool = setting(False, "adapt alpha as Skywork-OR1 does (arXiv "
-                                     "2505.22312): up by delta while entropy is under the "
-                                     "target, down above it, and the bonus off above it")
-    entropy_coef_target: float = setting(0.05, "adaptive bonus: the entropy to hold (gsm8k 0.2 "
-                                         "as released; tiny between grpo's first and last "
-                                         "entropies)", "(0, inf)")
-    entropy_coef_delta: float = setting(5e-3, "adaptive bonus: alpha's change per step (gsm8k "
-                                        "1e-4 as released)", "(0, inf)")
-    entropy_coef_max: float = setting(0.1, "adaptive bonus: alpha's ceiling (gsm8k 0.005 as "
-                                      "released; a fixed 0.2 made tiny's entropy run away)",
+    lambda_epochs: int | None = setting(None, "epoch schedule: E (default: data passes)",
+                                        "[2, inf)")
+    advantage_estimator: str = setting("grpo", "reinforce: W-REINFORCE / PSR / NSR",
+                                       choices=("grpo", "reinforce"),
+                                       group="the field's entropy controls")
+    reinforce_pos: float = setting(0.1, "reinforce: A if right (0.1: W-REINFORCE)", "[0, inf)")
+    reinforce_neg: float = setting(1.0, "reinforce: -A if wrong", "[0, inf)")
+    forking_top: float = setting(1.0, "loss on the top share of token entropies (1: off)",
+                                 "(0, 1]")
+    clip_cov: bool = setting(False, "Clip-Cov: no gradient for a few high-covariance tokens")
+    clip_cov_ratio: float = setting(5e-3, "Clip-Cov: share of tokens (verl 2e-4)", "(0, 1]")
+    clip_cov_low: float = setting(1.0, "Clip-Cov: lower covariance bound", "[0, inf)")
+    clip_cov_high: float = setting(5.0, "Clip-Cov: upper covariance bound", "(0, inf)")
+    kl_cov: bool = setting(False, "KL-Cov: |log pi - log pi_old| on top-covariance tokens")
+    kl_cov_ratio: float = setting(1e-2, "KL-Cov: share of tokens (verl 2e-4)", "(0, 1]")
+    kl_cov_coef: float = setting(1.0, "KL-Cov: the penalty's coefficient", "[0, inf)")
+    entropy_coef: float = setting(0.0, "entropy bonus alpha (adaptive: its start)", "[0, inf)")
+    adaptive_entropy: bool = setting(False, "adapt alpha to a target entropy (Skywork-OR1)")
+    entropy_coef_target: float = setting(0.05, "adaptive bonus: target (released 0.2)",
+                                         "(0, inf)")
+    entropy_coef_delta: float = setting(5e-3, "adaptive bonus: step (released 1e-4)",
+                                        "(0, inf)")
+    entropy_coef_max: float = setting(0.1, "adaptive bonus: ceiling (released 0.005)",
                                       "[0, inf)")
-    clip_low: float = setting(0.2, "PPO clip epsilon_low", "[0, 1]",
-                              group="loss and optimisation")
+    clip_low: float = setting(0.2, "PPO clip epsilon_low", "[0, 1]", group="loss and updates")
     clip_high: float = setting(0.28, "PPO clip epsilon_high (Clip-Higher)", "[0, inf)")
     loss_agg: str = setting("token-mean", "how token losses are averaged",
                             choices=("token-mean", "seq-mean-token-mean"))
     updates_per_batch: int = setting(1, "passes over each rollout batch", "[1, inf)")
     mini_batches: int = setting(2, "optimizer steps per pass", "[1, inf)")
-    micro_batch_size: int = setting(64, "rows per forward pass (0: whole mini-batch)",
-                                    "[0, inf)", run=False)
+    micro_batch_size: int = setting(64, "rows per forward (0: mini-batch)", "[0, inf)",
+                                    run=False)
     lr: float = setting(2e-4, "AdamW learning rate", "(0, inf)")
     lr_warmup_steps: int = setting(0, "linear LR warm-up, in RL steps", "[0, inf)")
     weight_decay: float = setting(0.0, "AdamW weight decay", "[0, inf)")
@@ -2217,40 +2115,32 @@ class Args:
     eval_every: int = setting(20, "greedy held-out accuracy every N steps", "[1, inf)",
                               group="evaluation and machine")
     eval_batch_size: int = setting(256, "responses per evaluation batch", "[1, inf)", run=False)
-    eval_k: int = setting(8, "avg@k and pass@k at the first and last step (0: off)", "[0, inf)")
+    eval_k: int = setting(8, "avg@k and pass@k at the start and end (0: off)", "[0, inf)")
     eval_temperature: float = setting(0.6, "T of avg@k / pass@k", "(0, inf)")
     eval_top_p: float = setting(0.95, "top-p of avg@k / pass@k", "(0, 1]")
-    token_dynamics_every: int = setting(5, "every N steps, log which tokens the update moved "
-                                        "(one extra forward; 0: off)", "[0, inf)", run=False)
-    profile: bool = setting(False, "print seconds per phase, tokens/s and peak memory every "
-                            "step", run=False)
-    gradient_checkpointing: bool = setting(False, "recompute activations in backward: less "
-                                           "memory, more compute", run=False)
-    device: str | None = setting(None, "cuda, cpu, ... (default: cuda if available)", run=False)
-    threads: int = setting(1, "CPU threads for torch during RL (0: torch's default; tiny 1: "
-                           "its small matrices gain nothing from a second)", "[0, inf)",
+    token_dynamics_every: int = setting(5, "log what moved every N steps (0: off)", "[0, inf)",
+                                        run=False)
+    profile: bool = setting(False, "print seconds per phase and peak memory", run=False)
+    gradient_checkpointing: bool = setting(False, "recompute activations in backward",
+                                           run=False)
+    device: str | None = setting(None, "cuda, cpu, ... (default: cuda if found)", run=False)
+    threads: int = setting(1, "torch's CPU threads in RL (0: its default)", "[0, inf)",
                            run=False)
     bf16: bool = setting(True, "on CUDA, fp32 instead of bf16 autocast", run=False)
     trust_remote_code: bool = setting(False, "allow model code from the hub", run=False)
     warmup_steps: int = setting(1500, "supervised warm-up steps", "[1, inf)",
-                                group="tiny preset warm-up")
+                                group="the tiny preset's warm-up")
     warmup_lr: float = setting(3e-3, "warm-up learning rate", "(0, inf)")
     warmup_batch_size: int = setting(64, "warm-up batch size", "[1, inf)")
-    warmup_threads: int = setting(0, "CPU threads for the warm-up (0: torch's default; its "
-                                  "batch of 64 sequences does gain from more)", "[0, inf)",
+    warmup_threads: int = setting(0, "warm-up CPU threads (0: torch's default)", "[0, inf)",
                                   run=False)
-    warmup_seed: int = setting(0, "seed of the warm-up (every RL run starts from its one "
-                               "model)", "[0, inf)")
-    warmup_slip: float = setting(0.75, "probability that the warm-up's student gets a carry "
-                                 "or borrow step wrong", "[0, 1]")
-    warmup_off_by_one: float = setting(1 / 3, "share of those slips that land one off "
-                                       "instead of forgetting the ten", "[0, 1]")
-    warmup_comma: float = setting(0.0, "probability that the warm-up's student separates two "
-                                  "steps with ', ' instead of ' '", "[0, 1]")
-    train_warmup: bool = setting(False, "train the default warm-up here instead of loading "
-                                 "its shipped weights from testdata/", run=False)
-    cache_dir: str = setting(os.path.join(Path.home(), ".cache", "rlvr_entropy"), "where the "
-                             "warmed-up tiny model is cached", run=False)
+    warmup_seed: int = setting(0, "seed of the warm-up", "[0, inf)")
+    warmup_slip: float = setting(0.75, "the student's chance to miss a carry", "[0, 1]")
+    warmup_off_by_one: float = setting(1 / 3, "share of slips one off", "[0, 1]")
+    warmup_comma: float = setting(0.0, "the student's chance of ', ' between steps", "[0, 1]")
+    train_warmup: bool = setting(False, "train the default warm-up, not load it", run=False)
+    cache_dir: str = setting(os.path.join(Path.home(), ".cache", "rlvr_entropy"),
+                             "where warm-ups are cached", run=False)
 
 
 # A preset is the overrides of Args' defaults (tiny's) that fit a model and a machine.
@@ -2396,17 +2286,13 @@ def check_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
     created = [p for p in (out_dir, *out_dir.parents) if not p.exists()]  # deepest first
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
+        (out_dir / f".write-test-{os.getpid()}").write_text("")
+        (out_dir / f".write-test-{os.getpid()}").unlink()
     except OSError as e:
         raise SystemExit(f"error: cannot write to --out-dir {out_dir} ({e.strerror})") from None
     finally:
         for p in created:
-            try:
-                p.rmdir()
-            except OSError:
-                pass
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def read_args_json(out_dir: Path) -> dict | None:
@@ -2415,12 +2301,7 @@ def read_args_json(out_dir: Path) -> dict | None:
         record = json.loads((out_dir / "args.json").read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(record, dict):
-        return None
-    record.setdefault("history", [])
-    if record.pop("shape_from_plateau", False):  # written by older versions
-        record["shape_from"] = "plateau"
-    return record
+    return {"history": [], **record} if isinstance(record, dict) else None
 
 
 def read_resume(args: Args, out_dir: Path, checkpoint: Path) -> tuple[dict, dict | None]:
