@@ -132,21 +132,15 @@ def build_prompt(tokenizer, question: str, instruction: str = "") -> str:
 
 # =========================================================================================
 # 2. Verifiable reward
-# r = 1 if the final answer in the response equals the gold answer, else 0. The final
-# answer is the *last* final-answer marker in the response, as a careful human grader
-# reads it (a later marker is a self-correction):
-#   \boxed{x}                       the box's content (LaTeX's habit, and Qwen's prompt)
-#   #### x                          GSM8K's convention, when x is a number: a line such as
-#                                   '#### Step 2: ...' is a markdown heading, not an answer
-#   'the answer is x', 'Final Answer: x'   an explicit phrase followed by a number
-# We do not fall back to "the last number in the text" unless asked (--last-number-fallback):
-# that rewards a response that merely mentions the right number on the way to a wrong one.
-# The answer is then normalised as a grader would read it: units and words after the
-# number, '%', degrees, '$', wrappers like 'x = 18' or '(18)', the last right-hand side of
-# an equation, LaTeX fractions (mixed numbers too) and thousands separators. Numbers are
-# compared as exact rationals; anything else as a normalised string. The model's text is
-# never evaluated. Every regex has no nested quantifiers and every scan is a bounded or
-# single pass, so grading is linear-time on any input.
+# r = 1 if the response's final answer equals the gold answer, else 0. The final answer is
+# the *last* marker, as a careful grader reads it (a later one is a self-correction):
+#   \boxed{x}; a '#### x' line whose x is a number (GSM8K's form; '#### Step 2' is a
+#   heading); 'the answer is x' or 'Final Answer: x' followed by a number.
+# No "last number in the text" unless asked (--last-number-fallback): that would reward a
+# response that mentions the right number on the way to a wrong one. Units, '%', '$',
+# 'x = 18', '(18)', LaTeX fractions and thousands separators are normalised away (section
+# 11); numbers are compared as exact rationals. The text is never evaluated, and grading
+# is linear-time on any input.
 # =========================================================================================
 
 
@@ -177,16 +171,13 @@ def math_reward(completion: str, gold: str, last_number_fallback: bool = False) 
 def generate_rollouts(model, tokenizer, prompts: list[str], group_size: int,
                       max_new_tokens: int, *, temperature: float = 1.0, top_p: float = 1.0,
                       greedy: bool = False, eos_ids: list[int] | None = None) -> dict:
-    """Sample `group_size` completions for each prompt.
-
-    Returns a dict of tensors on the model's device:
+    """Sample `group_size` completions for each prompt. A dict of tensors on the model's device:
       input_ids       (B, P+T)  prompt + completion; B = len(prompts) * group_size
       attention_mask  (B, P+T)  1 on prompt tokens and valid completion tokens
       completion_ids  (B, T)
       completion_mask (B, T)    1.0 up to and including the first EOS, 0.0 after it
       truncated       (B,)      True if the response hit max_new_tokens without an EOS
-    (both masks from completion_mask_from_ids)
-    """
+    (both masks from completion_mask_from_ids)."""
     device = next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     prompt_ids = enc.input_ids.repeat_interleave(group_size, 0).to(device)
@@ -270,13 +261,9 @@ def sample_responses(model, tokenizer, questions: list[str], group_size: int,
 def completion_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       n_completion: int) -> torch.Tensor:
     """Raw logits z that predict the last `n_completion` tokens: (B, T, V).
-
-    logits_to_keep skips the LM head on prompt positions, which saves a (B, P, V) tensor.
-    Position ids are cumsum(mask) - 1, the same ids generate() used on left-padded
-    prompts. Without them the recomputed log-probs would not match the sampler's.
-    The temperature is *not* applied here: token_logprobs and token_entropy apply it, once,
-    chunk by chunk in fp32 (dividing bf16 logits by T would round them first).
-    """
+    logits_to_keep skips the LM head on prompt positions. Position ids are cumsum(mask) - 1,
+    as generate() used on left-padded prompts, or the log-probs would not be the sampler's.
+    No temperature here: token_logprobs and token_entropy apply it in fp32."""
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 logits_to_keep=n_completion + 1, use_cache=False)
@@ -284,10 +271,8 @@ def completion_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tens
 
 
 def logit_chunks(logits: torch.Tensor, chunk_elems: int = 2**24) -> list[torch.Tensor]:
-    """Split (B, T, V) into (n, V) views of at most ~chunk_elems logits, row by row.
-
-    Views, never copies: `logits.reshape(-1, V)` would copy, because the logits of
-    completion_logits are a slice (not contiguous). 2**24 fp32 logits are 64 MB."""
+    """Split (B, T, V) into (n, V) views of at most ~chunk_elems logits (64 MB in fp32), row
+    by row: views, not the copy that reshape(-1, V) of a non-contiguous slice would make."""
     n = max(1, chunk_elems // logits.shape[-1])
     return [chunk for row in logits for chunk in row.split(n)]
 
@@ -305,18 +290,12 @@ def _scaled_logsumexp(chunk: torch.Tensor, temperature: float) -> torch.Tensor:
 def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor,
                    temperature: float = 1.0, chunk_elems: int = 2**24) -> torch.Tensor:
     """log pi(token) for each position: (B, T, V) raw logits, (B, T) -> (B, T), differentiable.
-
-    log pi(o_t) = z[o_t] / T - logsumexp(z / T). No log_softmax tensor is built, and
-    logsumexp runs a chunk at a time because it allocates an exp() temporary the size of
-    its input. T is the *sampling* temperature: the responses were drawn from
-    softmax(z / T), so that is the behaviour policy (at T = 1 here the ratio
-    pi_new / pi_old would be != 1 even on-policy and the clip would fire for no reason).
-    Each chunk is upcast to fp32 *before* the division by T (bf16 would round z / T), under
-    activation checkpointing whenever that makes a new tensor (bf16/fp16 logits, or T != 1),
-    so that backward recomputes the chunk instead of keeping it: autograd then holds only
-    the logits (which exist anyway) and (B, T) results, never a second (B, T, V) copy.
-    Result: fp32 (fp64 for fp64 logits). Helpers: logit_chunks, _scaled, _scaled_logsumexp.
-    """
+    log pi(o_t) = z[o_t] / T - logsumexp(z / T), T the *sampling* temperature (the policy
+    that drew the responses; at T = 1 the ratio would be != 1 on-policy). No log_softmax
+    tensor: logsumexp runs chunk by chunk, each upcast to fp32 before the division, under
+    activation checkpointing when that makes a copy (bf16 logits or T != 1), so autograd
+    never holds a second (B, T, V) tensor. fp32 (fp64 for fp64 logits). Helpers:
+    logit_chunks, _scaled, _scaled_logsumexp."""
     from torch.utils.checkpoint import checkpoint
 
     picked = _scaled(logits.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1), temperature)
@@ -331,13 +310,9 @@ def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor,
 def token_entropy(logits: torch.Tensor, temperature: float = 1.0,
                   chunk_elems: int = 2**24) -> torch.Tensor:
     """H_t = -sum_v p_v log p_v, p = softmax(z / T), over the full vocabulary:
-    (B, T, V) raw logits -> (B, T), fp32 (fp64 for fp64 logits).
-
-    Computed under no_grad (entropy is measured, not trained), one chunk of positions at a
-    time, so the fp32 log-softmax never exists for the whole batch (B*T*V*4 bytes: 5 GB
-    at 8 x 1024 tokens of Qwen). Reuses the same logits as token_logprobs. Helpers:
-    logit_chunks, _scaled.
-    """
+    (B, T, V) raw logits -> (B, T), fp32 (fp64 for fp64 logits). No grad, a chunk of
+    positions at a time (logit_chunks, _scaled): the whole batch's fp32 log-softmax would
+    be 5 GB at 8 x 1024 tokens of Qwen."""
     out = []
     for chunk in logit_chunks(logits, chunk_elems):
         logp = torch.log_softmax(_scaled(chunk, temperature), -1)
@@ -369,12 +344,11 @@ def quantile(x: torch.Tensor, q: float) -> torch.Tensor:
 
 # =========================================================================================
 # 5. Advantages: GRPO, then the shaping methods of paper [A]
-# GRPO (Shao et al. 2024) needs no value network. It compares each response with the other
-# G - 1 answers to the same prompt:
+# GRPO (Shao et al. 2024) needs no value network: each response is compared with the
+# other answers to the same prompt,
 #   A_i = (r_i - mean_g r) / (std_g r + eps)        (std unbiased, eps = 1e-6, as released)
-# Dr. GRPO (Liu et al. 2025) drops the std division (--no-std-scaling). A group whose G
-# rewards are all equal has A = 0 for every response: it teaches nothing this step. We
-# count these groups (zero_var_frac) because they grow as the policy saturates.
+# Dr. GRPO (Liu et al. 2025) drops the std (--no-std-scaling). A group of equal rewards
+# has A = 0 everywhere and teaches nothing; zero_var_frac counts them as they grow.
 # =========================================================================================
 
 
@@ -461,11 +435,9 @@ def weighted_reinforce_advantages(rewards: torch.Tensor, pos_weight: float = 0.1
 #   ratio = pi_theta(o_t) / pi_old(o_t)
 #   L_t   = -min(ratio A_t, clip(ratio, 1 - eps_low, 1 + eps_high) A_t)
 # eps_high > eps_low (0.28 vs 0.2) leaves more room to raise unlikely tokens: the
-# standard guard against entropy collapse.
-# Aggregation: token-mean = sum over all valid tokens / their count (long responses
-# count more); seq-mean-token-mean = the mean over responses of each response's token mean.
-# Both take explicit denominators, so that micro-batches summed with gradient accumulation
-# give exactly the full mini-batch's gradient.
+# standard guard against entropy collapse. token-mean = sum over valid tokens / their
+# count; seq-mean-token-mean = mean over responses of their token means. Both take
+# explicit denominators, so summed micro-batches give exactly the mini-batch's gradient.
 # =========================================================================================
 
 
@@ -508,10 +480,8 @@ def clip_stats(ratio: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor
 # Why positive advantages collapse entropy ([B]): for the unclipped token objective, the
 # gradient on the logit of vocabulary entry v at step t is
 #     sampled v:  ratio_t (1 - pi(v)) A_t        any other v:  -ratio_t pi(v) A_t
-# With A > 0 the sampled token (usually already likely) gains mass taken from all others,
-# so the distribution sharpens. With A < 0 the sampled token loses mass that spreads over
-# the rest, so it flattens. Weighting positive-advantage tokens by lambda < 1 tilts this
-# balance towards keeping entropy:
+# With A > 0 the sampled (usually likely) token takes mass from all others: sharper. With
+# A < 0 its mass spreads over the rest: flatter. lambda < 1 tilts the balance to entropy:
 #     w_{i,t} = lambda if A_{i,t} > 0,  neg_weight if A_{i,t} < 0,  else 1;  L'_t = w_t L_t
 
 
@@ -553,20 +523,17 @@ def entropy_guided_lambda(pos_weight: float, entropy: float, target: float = 0.2
 
 
 # --- The field's entropy controls, beside the papers' methods -----------------------------
-# Each acts on tokens picked over the whole rollout batch, before micro-batching: picked
-# per micro-batch (as verl and TRL do), the set would change with the micro-batch size.
-#
-# Clip-Cov and KL-Cov (Cui et al., arXiv 2505.22617). To first order, one policy-gradient
-# step changes the entropy by about -eta Cov(log pi(a), A(a)) over the batch's tokens, so
-# the tokens with the largest centred product
+# Each picks its tokens once over the whole rollout batch (verl and TRL pick per
+# micro-batch, so their set changes with the micro-batch size).
+# Clip-Cov and KL-Cov (Cui et al., arXiv 2505.22617): one policy-gradient step changes
+# entropy by about -eta Cov(log pi, A) over the batch's tokens, so the tokens of largest
 #   cov_t = (A_t - mean A) (log pi_t - mean log pi)
-# are the ones that collapse it. Clip-Cov removes the gradient of a random few of the
-# tokens with lb < cov_t < ub; KL-Cov adds coef |log pi - log pi_old| to the loss of the
-# top-k. verl 0.9.1's config: ratio 2e-4, lb 1, ub 5; KL-Cov ratio 2e-4, coef 0.1 (its
-# KL-Cov recipes: 1). 2e-4 of the tiny preset's 8,000 tokens is one: it uses 5e-3 and 1e-2.
-#
-# Forking tokens (Wang et al., arXiv 2506.01939): keep the loss only on the tokens whose
-# entropy is in the batch's top rho = 20%, the "forks" where the reasoning branches.
+# collapse it. Clip-Cov removes the gradient of a random few with lb < cov_t < ub; KL-Cov
+# adds coef |log pi - log pi_old| to the loss of the top-k. verl 0.9.1: ratio 2e-4, lb 1,
+# ub 5; KL-Cov ratio 2e-4, coef 0.1 (its recipes: 1). The tiny preset's 8,000 tokens need
+# 5e-3 and 1e-2 (2e-4 of them is one token).
+# Forking tokens (Wang et al., arXiv 2506.01939): the loss only on the tokens whose entropy
+# is in the batch's top rho = 20%, the "forks" where the reasoning branches.
 
 
 def token_covariance(logprobs: torch.Tensor, advantages: torch.Tensor,
@@ -651,12 +618,10 @@ def adaptive_entropy_coef(coef: float, entropy: float, target: float = 0.2,
 
 # =========================================================================================
 # 7. One RL step: the algorithm, top to bottom
-# rl_step() is GRPO with the shaping of [A], the token weights of [B] and the field's
-# controls, and nothing else:
+# rl_step() is GRPO with the shaping of [A], the weights of [B] and the field's controls:
 #   sample G responses per prompt (3) -> reward them (2) -> old log-probs and entropy, no
 #   grad (4) -> advantages A_i, shaped (5) -> clipped-loss updates over mini-batches (6).
-# Its settings are the plain values of `args` (Args, section 14). Evaluation, logging,
-# checkpoints and signals live in the training loop (section 9).
+# Its settings are the plain values of `args` (Args, section 14).
 # =========================================================================================
 
 
@@ -709,14 +674,12 @@ def old_policy_stats(model, rollout: dict, temperature: float, micro_batch_size:
 
 def mini_batch_gradient(model, rollout: dict, targets: dict, rows: torch.Tensor, args: Args, *,
                         entropy_coef: float = 0.0) -> tuple[float | None, list[dict]]:
-    """loss.backward() over the micro-batches of one mini-batch `rows` (micro_batch_logits,
-    token_logprobs). Token t's loss is w_t L_t, L_t from clipped_token_loss (from
-    kl_cov_token_loss given KL-Cov's picks), minus entropy_coef x trainable_entropy (the
-    bonus). Each micro-batch's loss is divided by the whole mini-batch's token and row counts
-    (aggregate_loss), so the accumulated gradient is the mini-batch's. `targets` holds the
-    batch's (B, T) old_logp, advantages, token_weights and kl_picked (or None). Returns (the
-    loss, None at the first non-finite one; each micro-batch's clip_stats times its share of
-    the tokens of all the updates planned for this batch)."""
+    """loss.backward() over the micro-batches of the mini-batch `rows` (micro_batch_logits,
+    token_logprobs). Token t's loss is w_t L_t (clipped_token_loss, or kl_cov_token_loss on
+    KL-Cov's picks) minus entropy_coef x trainable_entropy, each divided by the mini-batch's
+    own counts (aggregate_loss). `targets`: the batch's (B, T) old_logp, advantages,
+    token_weights, kl_picked (or None). Returns (the loss, None if not finite; per micro-batch,
+    clip_stats times its share of the tokens of all the updates planned for the batch)."""
     mask, comp = rollout["completion_mask"], rollout["completion_ids"]
     n_tokens, n_seqs = mask[rows].sum(), float(len(rows))
     planned = args.updates_per_batch * args.mini_batches  # the stats are the mean over these
@@ -783,14 +746,13 @@ def policy_update(model, optimizer, rollout: dict, targets: dict, args: Args, *,
 def rl_step(model, tokenizer, optimizer, questions: list[str], golds: list[str], args: Args, *,
             reward_fn=math_reward, eos_ids: list[int] | None = None, pos_weight: float = 1.0,
             shaping: bool = False, entropy_coef: float = 0.0, now=time.perf_counter) -> dict:
-    """One step of RL on len(questions) prompts x G responses (B rows). `pos_weight` is
-    lambda of [B] (posneg); `shaping` turns on [A]'s ppl / position shaping this step;
-    `entropy_coef` is the entropy bonus alpha. In order: sample_responses, reward_fn,
-    old_policy_stats and sequence_log_ppl, grpo_advantages (or weighted_reinforce_advantages)
-    shaped by ppl_weights or position_shaped_advantages, posneg_token_weights, the controls'
-    picks (high_entropy_mask, token_covariance, clip_cov_mask, kl_cov_mask), policy_update.
-    Returns the step's tensors (rollout, rewards (B,), old_logp, entropy (B, T), log_ppl
-    (B,), advantages (B, T), ...), the policy_update stats, and seconds per phase."""
+    """One step of RL on len(questions) prompts x G responses (B rows); `pos_weight` is
+    lambda of [B], `shaping` turns on [A]'s shaping, `entropy_coef` is the bonus alpha. In
+    order: sample_responses, reward_fn, old_policy_stats, sequence_log_ppl, grpo_advantages
+    (or weighted_reinforce_advantages), ppl_weights or position_shaped_advantages,
+    posneg_token_weights, the controls' picks (high_entropy_mask, token_covariance,
+    clip_cov_mask, kl_cov_mask), policy_update. Returns the step's tensors (rewards (B,),
+    entropy (B, T), advantages (B, T), ...), the update's stats and seconds per phase."""
     device, G = next(model.parameters()).device, args.group_size
     clock = [now()]
     # rollouts (section 3): G samples per prompt from pi_old, rows g*G .. g*G+G-1
@@ -872,10 +834,9 @@ def eval_outcomes(model, tokenizer, problems: list[dict], k: int, max_new_tokens
                   bf16: bool = False, eos_ids: list[int] | None = None, greedy: bool = False,
                   temperature: float = 1.0, top_p: float = 1.0, confidences: list | None = None,
                   micro_batch_size: int = 8) -> list[list[float]]:
-    """1.0 / 0.0 (solved or not) for k responses to each problem: one list of k per problem.
-    Responses come from sample_responses, batch_size at a time. With a `confidences` list,
-    each response's answer_confidence is appended to it (one extra forward pass, at T = 1
-    for greedy responses, micro_batch_size rows at a time)."""
+    """1.0 / 0.0 (solved or not) for k responses to each problem (sample_responses,
+    batch_size at a time): one list of k per problem. With a `confidences` list, appends
+    each response's answer_confidence (one more forward, at T = 1 for greedy responses)."""
     from tqdm import tqdm
 
     outcomes = []
@@ -900,24 +861,17 @@ def eval_outcomes(model, tokenizer, problems: list[dict], k: int, max_new_tokens
     return outcomes
 
 
-def evaluate_greedy(model, tokenizer, problems: list[dict], max_new_tokens: int,
-                    **eval_kw) -> float:
-    """Share of the problems whose greedy response earns reward 1. eval_kw: the keywords of
-    eval_outcomes (instruction, reward_fn, batch_size, bf16, eos_ids, micro_batch_size)."""
-    outcomes = eval_outcomes(model, tokenizer, problems, 1, max_new_tokens, greedy=True, **eval_kw)
-    return sum(o[0] for o in outcomes) / max(1, len(problems))
-
-
 def greedy_calibration(model, tokenizer, problems: list[dict], max_new_tokens: int,
                        **eval_kw) -> dict:
-    """Greedy accuracy with the calibration of [B]: ECE (10 bins, expected_calibration_error)
-    of the confidence in each greedy answer (answer_confidence) against its correctness,
-    and the mean confidence. eval_kw: as for evaluate_greedy. -> {accuracy, ece, confidence}."""
+    """Greedy accuracy (the share of problems whose greedy response earns reward 1) with the
+    calibration of [B]: ECE (expected_calibration_error) of the confidence in each greedy
+    answer (answer_confidence) against its correctness, and the mean confidence. eval_kw:
+    the keywords of eval_outcomes. -> {accuracy, ece, confidence}."""
     confidences: list[float] = []
     outcomes = eval_outcomes(model, tokenizer, problems, 1, max_new_tokens, greedy=True,
                              confidences=confidences, **eval_kw)
     correct, conf = torch.tensor([o[0] for o in outcomes]), torch.tensor(confidences)
-    return {"accuracy": sum(o[0] for o in outcomes) / max(1, len(problems)),  # = evaluate_greedy
+    return {"accuracy": sum(o[0] for o in outcomes) / max(1, len(problems)),
             "ece": expected_calibration_error(conf, correct), "confidence": conf.mean().item()}
 
 
@@ -947,9 +901,8 @@ def evaluate_sampled(model, tokenizer, problems: list[dict], k: int, temperature
 
 # =========================================================================================
 # 9. The training loop: rl_step (section 7) inside evaluation, logging and checkpoints
-# Everything that changes from step to step lives in one LoopState: the next step, lambda
-# of [B], the data order, the skip count, the last accuracy and the stage of [A]. A
-# checkpoint saves it (section 13), and --resume restores it.
+# Everything that changes from step to step lives in one LoopState, which a checkpoint
+# saves (section 13) and --resume restores.
 # =========================================================================================
 
 
@@ -964,11 +917,6 @@ class LoopState:
     stage_step: int | None = None   # the detected start of the plateau stage, once found
     entropy_coef: float = 0.0       # c of the adaptive entropy bonus (Skywork-OR1)
     entropy_bonus: float = 0.0      # alpha, the bonus of the next step
-
-
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device
 
 
 def next_batch(problems: list[dict], state: LoopState, order_rng: random.Random,
@@ -2155,6 +2103,11 @@ PRESETS = {
               "threads": 0, "instruction": "Please reason step by step, and put your final "
                                            "answer within \\boxed{}."},
 }
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
 
 
 def flag_name(name: str) -> str:
