@@ -77,9 +77,8 @@ def load_gsm8k(split: str) -> list[dict]:
 
 def load_local_dataset(path: str, question_field: str = "question",
                        answer_field: str = "answer") -> list[dict]:
-    """A .jsonl / .json / .parquet / .csv file with one problem per row, read by
-    datasets.load_dataset. An answer that is a worked solution with '####' is cut by
-    gold_answer. Raises ValueError with one sentence for a file it cannot use."""
+    """A .jsonl / .json / .parquet / .csv file, one problem a row (datasets.load_dataset;
+    gold_answer cuts a worked solution). ValueError, one sentence, for a file it cannot use."""
     from datasets import load_dataset
 
     kinds = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -161,9 +160,8 @@ def math_reward(completion: str, gold: str, last_number_fallback: bool = False) 
 
 # =========================================================================================
 # 3. Rollouts
-# G responses per prompt, sampled in one batched model.generate call with the KV cache.
-# Prompts are left-padded so every prompt ends at the same column and the completions
-# start together. Each prompt's G copies sit next to each other: rows g*G .. g*G+G-1.
+# G responses per prompt, in one batched model.generate call with the KV cache. Prompts are
+# left-padded, so the completions start together; prompt g's rows are g*G .. g*G+G-1.
 # =========================================================================================
 
 
@@ -171,7 +169,7 @@ def math_reward(completion: str, gold: str, last_number_fallback: bool = False) 
 def generate_rollouts(model, tokenizer, prompts: list[str], group_size: int,
                       max_new_tokens: int, *, temperature: float = 1.0, top_p: float = 1.0,
                       greedy: bool = False, eos_ids: list[int] | None = None) -> dict:
-    """Sample `group_size` completions for each prompt. A dict of tensors on the model's device:
+    """Sample `group_size` completions for each prompt. Tensors on the model's device:
       input_ids       (B, P+T)  prompt + completion; B = len(prompts) * group_size
       attention_mask  (B, P+T)  1 on prompt tokens and valid completion tokens
       completion_ids  (B, T)
@@ -627,9 +625,8 @@ def adaptive_entropy_coef(coef: float, entropy: float, target: float = 0.2,
 
 def length_grouped(rows: torch.Tensor, lengths: torch.Tensor, size: int) -> list[torch.Tensor]:
     """Split row indices into micro-batches of `size` rows of similar response length,
-    longest first. Each is then cut to its own longest response (see trimmed_rows): every
-    padded position would cost a full forward and backward. Gradient accumulation makes
-    the update independent of how rows are grouped."""
+    longest first, so that each, cut to its longest response (trimmed_rows), carries little
+    padding. Gradient accumulation makes the update independent of the grouping."""
     return list(rows[lengths[rows].argsort(descending=True, stable=True)].split(size))
 
 
@@ -661,12 +658,15 @@ def old_policy_stats(model, rollout: dict, temperature: float, micro_batch_size:
     (B, T), (B, T); 0 after each EOS. with_top: also (B, T) bool, whether the sampled token
     was the policy's most likely one. Uses micro_batch_logits, token_logprobs, token_entropy."""
     comp, mask = rollout["completion_ids"], rollout["completion_mask"]
-    logps, ents = torch.zeros_like(mask), torch.zeros_like(mask)
+    logps = ents = None
     tops = torch.zeros_like(mask, dtype=torch.bool)
     rows = torch.arange(len(comp), device=comp.device)
     for idx, n, logits in micro_batch_logits(model, rollout, rows, micro_batch_size, bf16):
-        logps[idx, :n] = token_logprobs(logits, comp[idx, :n], temperature)
-        ents[idx, :n] = token_entropy(logits, temperature)
+        lp, h = token_logprobs(logits, comp[idx, :n], temperature), token_entropy(logits,
+                                                                                temperature)
+        logps = lp.new_zeros(mask.shape) if logps is None else logps  # fp64 for an fp64 model
+        ents = h.new_zeros(mask.shape) if ents is None else ents
+        logps[idx, :n], ents[idx, :n] = lp, h
         if with_top:  # a full-vocabulary argmax: only when asked for
             tops[idx, :n] = logits.argmax(-1) == comp[idx, :n]
     return (logps, ents, tops) if with_top else (logps, ents)
@@ -2344,13 +2344,19 @@ def load_model(args: Args, train_set: list[dict], checkpoint: Path | None = None
             raise SystemExit(f"error: could not load model '{args.model}' ({type(e).__name__});"
                              " if you are offline, use --preset tiny or pass --model a local "
                              "folder") from None
-    if args.gradient_checkpointing:  # keep each layer's input, recompute the layer in backward
-        kwargs = {"use_reentrant": False}  # the non-reentrant form also works with frozen inputs
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x renamed it
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     return model.to(args.device), tokenizer
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Keep each layer's input and recompute the layer in backward (train mode only, so
+    generation keeps its KV cache); non-reentrant, which also works with frozen inputs."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x renamed it
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def prepare_tokenizer(tokenizer):
