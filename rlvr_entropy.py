@@ -836,7 +836,8 @@ def eval_outcomes(model, tokenizer, problems: list[dict], k: int, max_new_tokens
                   micro_batch_size: int = 8) -> list[list[float]]:
     """1.0 / 0.0 (solved or not) for k responses to each problem (sample_responses,
     batch_size at a time): one list of k per problem. With a `confidences` list, appends
-    each response's answer_confidence (one more forward, at T = 1 for greedy responses)."""
+    each response's answer_confidence (old_policy_stats: one more forward, at T = 1 for
+    greedy responses)."""
     from tqdm import tqdm
 
     outcomes = []
@@ -883,11 +884,10 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def evaluate_sampled(model, tokenizer, problems: list[dict], k: int, temperature: float,
-                     top_p: float, *, seed: int, max_new_tokens: int,
-                     **eval_kw) -> tuple[float, float]:
-    """(avg@k, pass@k) over the problems, k samples each at `temperature` / `top_p` (0.6 /
-    0.95 in the released runs of [A]). Sampled under a forked RNG seeded with `seed`: the
-    score does not depend on when it is taken, and taking it leaves the training RNG alone."""
+                     top_p: float, *, seed: int, max_new_tokens: int, **eval_kw) -> tuple:
+    """(avg@k, pass@k by pass_at_k) over the problems, k samples each (eval_outcomes) at
+    `temperature` / `top_p` (0.6 / 0.95 in [A]'s released runs), under a forked RNG seeded
+    with `seed`: the score does not depend on when it is taken, nor moves the training RNG."""
     device = next(model.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
@@ -919,8 +919,7 @@ class LoopState:
     entropy_bonus: float = 0.0      # alpha, the bonus of the next step
 
 
-def next_batch(problems: list[dict], state: LoopState, order_rng: random.Random,
-               n: int) -> list[dict]:
+def next_batch(problems: list[dict], state: LoopState, order_rng: random.Random, n: int) -> list:
     """The next n problems of a shuffled pass over the data, reshuffled every epoch."""
     while len(state.order) < n:
         perm = list(range(len(problems)))
@@ -2170,7 +2169,10 @@ def check_args(args: Args) -> None:
     for f in fields(Args):
         v, interval = getattr(args, f.name), f.metadata["range"]
         if interval and v is not None and v != "plateau" and not in_range(v, interval):
-            raise SystemExit(f"error: {flag_name(f.name)} must be in {interval} (got {v})")
+            low, high = interval[1:-1].split(", ")
+            rule = (f"in {interval}" if high != "inf" else f"at least {low}"
+                    if interval[0] == "[" else f"greater than {low}")
+            raise SystemExit(f"error: {flag_name(f.name)} must be {rule} (got {v})")
     B = args.prompts_per_step * args.group_size
     checks = [
         (args.mini_batches <= B, f"--mini-batches must be between 1 and {B} (prompts x G)"),
