@@ -82,7 +82,7 @@ def one(shape: str, layers: int, phase: str, micro: int, new_tokens: int, ckpt: 
 
         with PeakRSS() as p:
             ro = R.generate_rollouts(model, Tok(), ["q"] * (ROWS // 8), 8, new_tokens,
-                                     eos_token_ids=[151645, 151643])
+                                     eos_ids=[151645, 151643])
         assert ro["completion_ids"].shape == (ROWS, new_tokens), "a row stopped early"
     else:
         ids = torch.randint(0, 151643, (micro, PROMPT + RESPONSE))
@@ -99,11 +99,13 @@ def one(shape: str, layers: int, phase: str, micro: int, new_tokens: int, ckpt: 
                 q.grad = torch.zeros_like(q)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            cfg = R.StepConfig(micro_batch_size=micro, mini_batches=1)
+            args = R.Args(micro_batch_size=micro, mini_batches=1)
             adv = torch.randn(micro, 1).sign().expand(micro, RESPONSE).contiguous()
+            targets = {"old_logp": torch.full((micro, RESPONSE), -12.0), "advantages": adv,
+                       "token_weights": torch.ones_like(adv), "kl_picked": None,
+                       "rows": torch.arange(micro)}
             with PeakRSS() as p:
-                R.policy_update(model, optimizer, rollout, torch.full((micro, RESPONSE), -12.0),
-                                adv, torch.ones_like(adv), cfg, 1)
+                R.policy_update(model, optimizer, rollout, targets, args)
     return {"shape": shape, "layers": layers, "phase": phase, "micro": micro,
             "new_tokens": new_tokens, "ckpt": ckpt, "peak_mb": p.peak - base,
             "seconds": time.perf_counter() - t0, "vocab": V, "torch": torch.__version__}
