@@ -24,7 +24,8 @@ import rlvr_entropy as R
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "tools"))
-import rlvr_tools as T  # noqa: E402
+import rlvr_tools as tools
+
 if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n 2: one thread per worker, one per core,
     torch.set_num_threads(1)                  # for RL, the warm-ups and every subprocess
     R.DEFAULT_THREADS = 1
@@ -1040,10 +1041,10 @@ def test_plot_on_missing_or_empty_run_folders(tmp_path):
     for folder, message in ((tmp_path / "missing", "does not exist"), (empty, "not a run folder"),
                             (no_rows, "has no complete rows yet")):
         with pytest.raises(SystemExit) as err:
-            T.main(["plot", str(folder), "-o", str(png)])
+            tools.main(["plot", str(folder), "-o", str(png)])
         assert str(err.value).startswith("error: ") and message in str(err.value)
     with pytest.raises(SystemExit, match="--smooth must be at least 1"):
-        T.main(["plot", str(empty), "-o", str(png), "--smooth", "0"])
+        tools.main(["plot", str(empty), "-o", str(png), "--smooth", "0"])
     assert not png.exists()
 
 
@@ -1125,7 +1126,7 @@ def test_psr_and_nsr_drop_the_other_rows_as_the_released_code_does(tiny):
     NSR (it was -(right tokens)/(all tokens) when the rows stayed with A = 0), and the
     gradient is that of -(sum of the kept rows' log pi) / (their token count), by the
     independent route of a plain log-prob sum over the same rollout."""
-    model, tok = tiny
+    model, _ = tiny
     for pos, neg, kept_if_right, loss in ((1.0, 0.0, True, -1.0), (0.0, 1.0, False, 1.0)):
         out, grad = psr_step(tiny, [1.0, 0.0, 1.0, 0.0], pos, neg)
         assert out["update"]["loss"] == pytest.approx(loss, abs=1e-5)
@@ -1837,7 +1838,7 @@ def test_shaping_from_the_detected_plateau(tmp_path, monkeypatch, warm_cache):
 def test_plot_and_compare_end_to_end(tmp_path, warm_cache):
     pytest.importorskip("matplotlib")
     out = tmp_path / "cmp"
-    T.main(["compare", "--methods", "grpo", "--variant", "pos-kl=--method position --kl-cov",
+    tools.main(["compare", "--methods", "grpo", "--variant", "pos-kl=--method position --kl-cov",
             "--seeds", "1", "--out-dir", str(out), "--preset", "tiny", "--cache-dir", warm_cache, *SMALL])
     table = (out / "compare.md").read_text()
     assert "| grpo | 1 |" in table and "| pos-kl | 1 |" in table
@@ -1847,18 +1848,18 @@ def test_plot_and_compare_end_to_end(tmp_path, warm_cache):
     assert R.read_metrics(out / "pos-kl-seed0" / "metrics.jsonl")[0]["kl_cov_frac"] > 0
     assert (out / "compare.png").stat().st_size > 10_000
     png = tmp_path / "two.png"
-    T.main(["plot", str(out / "grpo-seed0"), str(out / "pos-kl-seed0"), "-o", str(png)])
+    tools.main(["plot", str(out / "grpo-seed0"), str(out / "pos-kl-seed0"), "-o", str(png)])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     with pytest.raises(SystemExit, match="not a run folder"):
-        T.main(["plot", str(tmp_path), "-o", str(png)])
+        tools.main(["plot", str(tmp_path), "-o", str(png)])
     with pytest.raises(SystemExit, match="unknown"):
-        T.main(["compare", "--methods", "grpo,nonsense"])
+        tools.main(["compare", "--methods", "grpo,nonsense"])
     for bad, says in ((["--variant", "no-equals"], "want NAME=FLAGS"),
                       (["--methods", "grpo", "--variant", "grpo=--kl-cov"], "NAME unique"),
                       (["--variant", "a=--seed 3"], "compare sets --seed itself"),
                       (["--variant", "a=--clip-cov --clip-cov-low 5 --clip-cov-high 1"], "must be below")):
         with pytest.raises(SystemExit, match=says):
-            T.main(["compare", *bad, "--out-dir", str(tmp_path / "never")])
+            tools.main(["compare", *bad, "--out-dir", str(tmp_path / "never")])
     assert not (tmp_path / "never").exists()
     # --overview: accuracy at each evaluation plus the final one, the entropy's moving
     # average, and the shaping window of the position run (SMALL: steps 0 to 3) shaded
@@ -1871,7 +1872,7 @@ def test_plot_and_compare_end_to_end(tmp_path, warm_cache):
             ([list(v) for v in a[:2]], k["label"])) or real_plot(ax, *a, **k))
         mp.setattr(matplotlib.axes.Axes, "axvspan", lambda ax, lo, hi, **k: shaded.append(
             (lo, hi)) or real_span(ax, lo, hi, **k))
-        T.main(["plot", "--overview", str(out / "grpo-seed0"), str(out / "pos-kl-seed0"),
+        tools.main(["plot", "--overview", str(out / "grpo-seed0"), str(out / "pos-kl-seed0"),
                 "-o", str(png)])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shaded == [(0, 3), (0, 3)]
     rows = R.read_metrics(out / "pos-kl-seed0" / "metrics.jsonl")
@@ -1887,23 +1888,23 @@ def test_compare_reuses_finished_runs_and_refuses_to_mix(tmp_path, warm_cache):
     pytest.importorskip("matplotlib")
     out, seed0 = tmp_path / "cmp", tmp_path / "cmp" / "grpo-seed0" / "metrics.jsonl"
     flags = ["--out-dir", str(out), "--preset", "tiny", "--cache-dir", warm_cache, *SMALL]
-    T.main(["compare", "--methods", "grpo", "--seeds", "1", *flags])
+    tools.main(["compare", "--methods", "grpo", "--seeds", "1", *flags])
     first = seed0.stat().st_mtime_ns
-    T.main(["compare", "--methods", "grpo", "--seeds", "2", *flags])  # trains seed 1 only
+    tools.main(["compare", "--methods", "grpo", "--seeds", "2", *flags])  # trains seed 1 only
     assert seed0.stat().st_mtime_ns == first
     assert [r["step"] for r in R.read_metrics(out / "grpo-seed1" / "metrics.jsonl")] == [0, 1, 2]
     assert "| grpo | 2 |" in (out / "compare.md").read_text()
     with pytest.raises(SystemExit) as err:  # other settings: refused before any run starts
-        T.main(["compare", "--methods", "grpo", "--seeds", "2", *flags, "--lr", "1e-3"])
+        tools.main(["compare", "--methods", "grpo", "--seeds", "2", *flags, "--lr", "1e-3"])
     assert "grpo-seed0 holds a run with other settings (--lr 0.0002 in the run, 0.001 now)" in str(err.value)
     assert "--overwrite" in str(err.value) and seed0.stat().st_mtime_ns == first
-    T.main(["compare", "--methods", "grpo", "--seeds", "1", "--overwrite", *flags, "--lr", "1e-3"])
+    tools.main(["compare", "--methods", "grpo", "--seeds", "1", "--overwrite", *flags, "--lr", "1e-3"])
     assert seed0.stat().st_mtime_ns != first
     assert json.loads((out / "grpo-seed0" / "args.json").read_text())["lr"] == 1e-3
     a_file = tmp_path / "file"
     a_file.write_text("")
     with pytest.raises(SystemExit, match="is a file, not a folder"):
-        T.main(["compare", "--methods", "grpo", "--out-dir", str(a_file)])
+        tools.main(["compare", "--methods", "grpo", "--out-dir", str(a_file)])
 
 
 def section_lines(n: int) -> int:
@@ -2160,7 +2161,7 @@ def test_every_preset_default_passes_every_check(preset, method, tmp_path, monke
     if preset == "tiny":  # compare warms the tiny model up once before its runs: skip that
         monkeypatch.setattr(R, "tiny_warm_model", lambda args, train_set: None)
     with pytest.raises(Started):
-        T.main(["compare", "--methods", method, "--seeds", "1", "--out-dir", str(tmp_path),
+        tools.main(["compare", "--methods", method, "--seeds", "1", "--out-dir", str(tmp_path),
                 "--preset", preset])
 
 
@@ -2447,7 +2448,7 @@ def test_gsm8k_resume_reproduces_the_run_and_pads_left_again(gsm8k_runs, qwen_fo
 def test_compare_on_the_gsm8k_path(qwen_folder, tmp_path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "cmp"
-    T.main(["compare", "--methods", "grpo", "--seeds", "1", "--out-dir", str(out),
+    tools.main(["compare", "--methods", "grpo", "--seeds", "1", "--out-dir", str(out),
             "--preset", "gsm8k", "--model", str(qwen_folder), "--dataset", str(GSM8K_DATA),
             *GSM8K_SIZES])
     assert "| grpo | 1 |" in (out / "compare.md").read_text()

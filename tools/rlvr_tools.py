@@ -26,8 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import rlvr_entropy as R
 
 
-
-
 def read_run(run_dir: Path) -> dict:
     """A run folder as plain data: its args, metrics rows and (if finished) summary."""
     metrics = run_dir / "metrics.jsonl"
@@ -126,28 +124,31 @@ def plot_runs(run_dirs: list[Path], out_path: Path, smooth: int = 5,
                 vals = [r["entropy_by_position"][b] for r in part
                         if r["entropy_by_position"][b] is not None]
                 profile.append(sum(vals) / len(vals) if vals else float("nan"))
+            which = "first" if name == "early" else "last"
             ax[1, 1].plot([b * 10 + 5 for b in range(10)], profile, c=c, ls=ls, marker=".",
-                          label=label and f"{label}: {name} ({'first' if name == 'early' else 'last'}"
-                                          f" {n} steps)")
+                          label=label and f"{label}: {name} ({which} {n} steps)")
         plot_analysis_panels(ax, run, c, label, smooth)
         ax[2, 3].plot(steps, [r.get("entropy_coef") or 0.0 for r in rows], c=c, lw=1, label=label)
     plot_sign_rule_panels(ax[0, 3], ax[1, 3], runs, colour)
-    titles = {(0, 0): (f"reward ({smooth}-step mean) and held-out accuracy; dotted: plateau starts", "step"),
-              (0, 1): (f"token entropy ({smooth}-step mean); shaded: shaping window", "step"),
-              (1, 0): ("entropy of positive vs negative responses", "step"),
-              (1, 1): ("entropy by relative position in the response", "position (% of response)"),
-              (0, 2): (f"diversity [B]: distinct final answers per group ({smooth}-step mean)", "step"),
-              (1, 2): ("distinct-n of each group's responses: n = 1 (dotted), 2 (solid), 3 (dashed)", "step"),
-              (2, 0): ("calibration [B]: ECE (solid), mean confidence (dashed), accuracy (dotted)", "step"),
-              (2, 1): ("token movement [A]: barely moved (solid), top-20% entropy (dashed), low-PPL third (dotted)",
-                       "step"),
-              (2, 2): ("share of the movement by relative position (mean over logged steps)",
-                       "position (% of response)"),
-              (0, 3): ("sign rule [B]: an update's entropy change, summed by quadrant (mean over logged steps)",
-                       "sign of A, and whether o_t was pi_old's top token"),
-              (1, 3): ("share of tokens by quadrant (mean over logged steps)",
-                       "sign of A, and whether o_t was pi_old's top token"),
-              (2, 3): ("entropy bonus alpha (--entropy-coef)", "step")}
+    quadrant, position = "sign of A, and whether o_t was pi_old's top token", "position (%)"
+    titles = {
+        (0, 0): (f"reward ({smooth}-step mean) and held-out accuracy; dotted: plateau starts",
+                 "step"),
+        (0, 1): (f"token entropy ({smooth}-step mean); shaded: shaping window", "step"),
+        (1, 0): ("entropy of positive vs negative responses", "step"),
+        (1, 1): ("entropy by relative position in the response", position),
+        (0, 2): (f"diversity [B]: distinct final answers per group ({smooth}-step mean)", "step"),
+        (1, 2): ("distinct-n of each group's responses: n = 1 (dotted), 2 (solid), 3 (dashed)",
+                 "step"),
+        (2, 0): ("calibration [B]: ECE (solid), mean confidence (dashed), accuracy (dotted)",
+                 "step"),
+        (2, 1): (("token movement [A]: barely moved (solid), top-20% entropy (dashed), "
+                 "low-PPL third (dotted)"), "step"),
+        (2, 2): ("share of the movement by relative position (mean over logged steps)", position),
+        (0, 3): (("sign rule [B]: an update's entropy change, summed by quadrant (mean over "
+                 "logged steps)"), quadrant),
+        (1, 3): ("share of tokens by quadrant (mean over logged steps)", quadrant),
+        (2, 3): ("entropy bonus alpha (--entropy-coef)", "step")}
     for (i, j), (title, xlabel) in titles.items():
         a = ax[i, j]
         a.set_title(title, fontsize=10)
@@ -191,7 +192,8 @@ def plot_analysis_panels(ax, run: dict, c: str, label: str | None, smooth: int) 
         ax[1, 2].plot(steps, moving_average([r.get(f"distinct_{n}") for r in rows], smooth), c=c,
                       lw=1, ls=ls, label=label if n == 2 else None)
     for key, ls in (("ece", "-"), ("confidence", "--"), ("accuracy", ":")):
-        ax[2, 0].plot(*series(key), c=c, ls=ls, marker=".", lw=1, label=label if key == "ece" else None)
+        ax[2, 0].plot(*series(key), c=c, ls=ls, marker=".", lw=1,
+                      label=label if key == "ece" else None)
     for key, pick, ls in (("barely_moved", None, "-"), ("move_high_entropy", None, "--"),
                           ("move_ppl_terciles", lambda v: v[0], ":")):
         ax[2, 1].plot(*series(key, pick or (lambda v: v)), c=c, ls=ls, lw=1,
@@ -268,7 +270,8 @@ def compare_variants(methods_arg: str | None, specs: list[str]) -> tuple[list[st
     methods = [m.strip() for m in methods_arg.split(",") if m.strip()]
     bad = [m for m in methods if m not in R.METHODS]
     if bad or not (methods or specs):
-        raise SystemExit(f"error: --methods: unknown {bad or 'empty'}; choose from {', '.join(R.METHODS)}")
+        raise SystemExit(f"error: --methods: unknown {bad or 'empty'}; choose from "
+                         f"{', '.join(R.METHODS)}")
     variants = {m: ["--method", m] for m in methods}
     for spec in specs:
         name, eq, flags = (part.strip() for part in spec.partition("="))
@@ -441,8 +444,10 @@ def plot_overview(run_dirs: list[Path], out_path: Path, smooth: int = 5) -> Path
         if isinstance(lo, int) and isinstance(hi, int) and lo < hi:
             for a in (left, right):
                 a.axvspan(lo, hi, color="grey", alpha=0.15, lw=0)
-    left.set(title="held-out greedy accuracy (shaded: shaping window)", xlabel="RL step", ylim=(0, 1))
-    right.set(title=f"token entropy of the sampled responses ({smooth}-step mean)", xlabel="RL step")
+    left.set(title="held-out greedy accuracy (shaded: shaping window)", xlabel="RL step",
+             ylim=(0, 1))
+    right.set(title=f"token entropy of the sampled responses ({smooth}-step mean)",
+              xlabel="RL step")
     for a in (left, right):
         a.grid(alpha=0.3)
         a.legend(fontsize=8)
