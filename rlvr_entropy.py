@@ -944,7 +944,7 @@ def entropy_controllers(state: LoopState, args: Args, entropy: float) -> None:
 def start_loop(args: Args, model, resume: dict | None, metrics_path: Path) -> tuple:
     """What the loop carries from step to step, before its first step: (LoopState, AdamW,
     its LR schedule (linear warm-up), the data order's RNG, the rows so far, the start
-    time). Fresh, with an empty metrics.jsonl, or restored from a checkpoint's trainer state
+    time). Fresh (lambda_0 = 0 under [B]'s entropy schedule), or restored from a checkpoint
     (restore_training, section 13), with the stage of [A] found again in the rows kept."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99),
                                   weight_decay=args.weight_decay)
@@ -953,10 +953,10 @@ def start_loop(args: Args, model, resume: dict | None, metrics_path: Path) -> tu
     order_rng = random.Random(args.seed)  # data order: reshuffled each epoch over the train set
     plateau = args.shape_from == "plateau"  # shaping waits for the detected plateau
     state = LoopState(pos_weight=0.0 if args.lambda_schedule == "entropy" else args.pos_weight,
-                      shape_from=args.steps if plateau else args.shape_from,  # lambda_0 = 0 in [B]
+                      shape_from=args.steps if plateau else args.shape_from,
                       entropy_coef=args.entropy_coef, entropy_bonus=args.entropy_coef)
     history, start = [], time.time()
-    if resume is None:
+    if resume is None:  # a fresh run starts an empty metrics.jsonl
         metrics_path.write_text("")
     else:  # every piece of state back, and the rows past the checkpoint dropped
         history, start = restore_training(resume, state, optimizer, scheduler, order_rng,
