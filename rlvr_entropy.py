@@ -662,10 +662,10 @@ def old_policy_stats(model, rollout: dict, temperature: float, micro_batch_size:
     tops = torch.zeros_like(mask, dtype=torch.bool)
     rows = torch.arange(len(comp), device=comp.device)
     for idx, n, logits in micro_batch_logits(model, rollout, rows, micro_batch_size, bf16):
-        lp, h = token_logprobs(logits, comp[idx, :n], temperature), token_entropy(logits,
-                                                                                temperature)
-        logps = lp.new_zeros(mask.shape) if logps is None else logps  # fp64 for an fp64 model
-        ents = h.new_zeros(mask.shape) if ents is None else ents
+        lp = token_logprobs(logits, comp[idx, :n], temperature)
+        h = token_entropy(logits, temperature)
+        if logps is None:  # in the logits' precision: fp64 for an fp64 model
+            logps, ents = lp.new_zeros(mask.shape), h.new_zeros(mask.shape)
         logps[idx, :n], ents[idx, :n] = lp, h
         if with_top:  # a full-vocabulary argmax: only when asked for
             tops[idx, :n] = logits.argmax(-1) == comp[idx, :n]
@@ -774,10 +774,10 @@ def rl_step(model, tokenizer, optimizer, questions: list[str], golds: list[str],
     clock.append(now())
     # advantages (section 5): GRPO's A_i for every token of response i, then [A]'s shaping
     adv_seq, zero_var = grpo_advantages(rewards, G, not args.no_std_scaling)
-    rows = torch.arange(len(rewards), device=device)  # the rows the update trains on
+    keep = torch.ones_like(rewards, dtype=torch.bool)  # (B,) the rows the update trains on
     if args.advantage_estimator == "reinforce":  # no baseline: lambda if right, -1 if wrong
         adv_seq = weighted_reinforce_advantages(rewards, args.reinforce_pos, args.reinforce_neg)
-        rows = rows[adv_seq != 0]  # PSR / NSR: the rows with A = 0 leave the batch
+        keep = adv_seq != 0  # PSR / NSR: the rows with A = 0 leave the batch
     advantages = adv_seq[:, None] * mask
     ppl_weight = torch.ones_like(adv_seq)
     if shaping and args.method == "ppl":  # A'_{i,t} = A_{i,t} clamp(1 - alpha z_i, 0.8, 1.2)
@@ -790,8 +790,7 @@ def rl_step(model, tokenizer, optimizer, questions: list[str], golds: list[str],
         token_weights = posneg_token_weights(advantages, pos_weight, args.neg_weight)
     # the field's controls, each picked once over the trained rows of the batch (section 6)
     picked, kl_picked = {}, None  # the tokens each control acts on, for the metrics row
-    trained = mask if len(rows) == len(mask) else mask * torch.isin(
-        torch.arange(len(mask), device=device), rows)[:, None]
+    trained = mask * keep[:, None]  # the valid tokens of the rows the update trains on
     if args.forking_top < 1:  # loss on the batch's top-rho entropy tokens only
         picked["forking"] = high_entropy_mask(entropy, trained, args.forking_top)
         token_weights = token_weights * picked["forking"]
@@ -805,9 +804,9 @@ def rl_step(model, tokenizer, optimizer, questions: list[str], golds: list[str],
             kl_picked = picked["kl_cov"] = kl_cov_mask(cov, trained, args.kl_cov_ratio)
     # clipped-loss updates (section 6); none at all when a reward was not finite
     targets = {"old_logp": old_logp, "advantages": advantages, "token_weights": token_weights,
-               "kl_picked": kl_picked, "rows": rows}
+               "kl_picked": kl_picked, "rows": keep.nonzero()[:, 0]}
     update = policy_update(model, optimizer, rollout, targets, args, entropy_coef=entropy_coef,
-                           n_passes=args.updates_per_batch if rewards_ok and len(rows) else 0)
+                           n_passes=args.updates_per_batch if rewards_ok and keep.any() else 0)
     update["skipped_updates"] += not rewards_ok
     clock.append(now())
     phases = {"rollout": clock[1] - clock[0], "reward": clock[2] - clock[1],
@@ -1371,8 +1370,8 @@ def metrics_row(step: int, out: dict, loop: dict, group_size: int) -> dict:
     }
 
 
-def run_summary(args: Args, history: list[dict], state, final: dict, final_sampled: tuple,
-                train_time: float) -> dict:
+def run_summary(args: Args, history: list[dict], state: LoopState, final: dict,
+                final_sampled: tuple, train_time: float) -> dict:
     """summary.json: start and final accuracy and calibration (`final`: greedy_calibration
     after the last step), avg@k / pass@k, entropy over the first and last steps, the stage
     transition and skips (from the loop's `state`), time, and the mean of each profile
@@ -2246,8 +2245,11 @@ def check_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
     except OSError as e:
         raise SystemExit(f"error: cannot write to --out-dir {out_dir} ({e.strerror})") from None
     finally:
-        for p in created:
-            shutil.rmtree(p, ignore_errors=True)
+        for p in created:  # only the empty folders it made: never anything else
+            try:
+                p.rmdir()
+            except OSError:
+                pass
 
 
 def read_args_json(out_dir: Path) -> dict | None:

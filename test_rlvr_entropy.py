@@ -1110,12 +1110,12 @@ def psr_step(tiny, rewards: list[float], pos: float, neg: float) -> tuple[dict, 
     grads = []
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     optimizer.step = lambda: grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
-    texts = iter(rewards)
+    scripted = iter(rewards)
     args = R.Args(group_size=len(rewards), max_new_tokens=6, mini_batches=1, micro_batch_size=0,
                   advantage_estimator="reinforce", reinforce_pos=pos, reinforce_neg=neg,
                   max_grad_norm=1e9)
     out = R.rl_step(model, tok, optimizer, ["1+2"], ["3"], args,
-                    reward_fn=lambda text, gold: next(texts))
+                    reward_fn=lambda text, gold: next(scripted))
     return out, grads[0] if grads else None
 
 
