@@ -132,14 +132,10 @@ def build_prompt(tokenizer, question: str, instruction: str = "") -> str:
 # =========================================================================================
 # 2. Verifiable reward
 # r = 1 if the response's final answer equals the gold answer, else 0. The final answer is
-# the *last* marker, as a careful grader reads it (a later one is a self-correction):
-#   \boxed{x}; a '#### x' line whose x is a number (GSM8K's form; '#### Step 2' is a
-#   heading); 'the answer is x' or 'Final Answer: x' followed by a number.
-# No "last number in the text" unless asked (--last-number-fallback): that would reward a
-# response that mentions the right number on the way to a wrong one. Units, '%', '$',
-# 'x = 18', '(18)', LaTeX fractions and thousands separators are normalised away (section
-# 11); numbers are compared as exact rationals. The text is never evaluated, and grading
-# is linear-time on any input.
+# the *last* marker (\boxed{x}, a '#### x' line, 'the answer is x'): a later one is a
+# self-correction. No "last number in the text" unless asked (--last-number-fallback): it
+# would reward the right number met on the way to a wrong one. Section 11 normalises units,
+# LaTeX and separators and compares exact rationals, in linear time, never evaluating text.
 # =========================================================================================
 
 
@@ -181,9 +177,8 @@ def generate_rollouts(model, tokenizer, prompts: list[str], group_size: int,
     prompt_ids = enc.input_ids.repeat_interleave(group_size, 0).to(device)
     prompt_mask = enc.attention_mask.repeat_interleave(group_size, 0).to(device)
     eos = eos_ids or [tokenizer.eos_token_id]
-    # Every sampling knob is passed explicitly: values left unset would be taken from the
-    # checkpoint's generation_config (Qwen instruct ships top_k=20, repetition_penalty>1),
-    # and then the sampler would not be the policy pi whose log-probs we train on.
+    # Every knob explicit: unset ones come from the checkpoint's generation_config (Qwen
+    # ships top_k=20, repetition_penalty>1), and the sampler would not be the trained pi.
     sampling = {"do_sample": False, "repetition_penalty": 1.0} if greedy else {
         "do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0,
         "min_p": None, "typical_p": 1.0, "repetition_penalty": 1.0}
@@ -288,12 +283,10 @@ def _scaled_logsumexp(chunk: torch.Tensor, temperature: float) -> torch.Tensor:
 def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor,
                    temperature: float = 1.0, chunk_elems: int = 2**24) -> torch.Tensor:
     """log pi(token) for each position: (B, T, V) raw logits, (B, T) -> (B, T), differentiable.
-    log pi(o_t) = z[o_t] / T - logsumexp(z / T), T the *sampling* temperature (the policy
-    that drew the responses; at T = 1 the ratio would be != 1 on-policy). No log_softmax
-    tensor: logsumexp runs chunk by chunk, each upcast to fp32 before the division, under
-    activation checkpointing when that makes a copy (bf16 logits or T != 1), so autograd
-    never holds a second (B, T, V) tensor. fp32 (fp64 for fp64 logits). Helpers:
-    logit_chunks, _scaled, _scaled_logsumexp."""
+    log pi(o_t) = z[o_t] / T - logsumexp(z / T), T the *sampling* temperature (else the
+    ratio is != 1 on-policy). No log_softmax tensor: logsumexp runs chunk by chunk (fp32, or
+    fp64 for fp64 logits), checkpointed when the upcast makes a copy, so autograd never holds
+    a second (B, T, V) tensor. Helpers: logit_chunks, _scaled, _scaled_logsumexp."""
     from torch.utils.checkpoint import checkpoint
 
     picked = _scaled(logits.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1), temperature)
@@ -343,7 +336,7 @@ def quantile(x: torch.Tensor, q: float) -> torch.Tensor:
 # =========================================================================================
 # 5. Advantages: GRPO, then the shaping methods of paper [A]
 # GRPO (Shao et al. 2024) needs no value network: each response is compared with the
-# other answers to the same prompt,
+# other answers to the same prompt:
 #   A_i = (r_i - mean_g r) / (std_g r + eps)        (std unbiased, eps = 1e-6, as released)
 # Dr. GRPO (Liu et al. 2025) drops the std (--no-std-scaling). A group of equal rewards
 # has A = 0 everywhere and teaches nothing; zero_var_frac counts them as they grow.
@@ -413,11 +406,10 @@ def shaping_active(method: str, step: int, shape_from: int, shape_until: int) ->
 
 # --- PSR / NSR / W-REINFORCE (Zhu et al., arXiv 2506.01347) --------------------------------
 #   A_i = lambda if response i is correct, -1 if it is wrong: no group baseline, no std.
-# PSR trains on the correct responses only (A = 1), NSR on the wrong ones only (A = -1):
-# as in the released code (RLVR-Decomposed, batch.subset), the other rows leave the batch,
-# and with them the token-mean's denominator (rl_step drops every row whose A is 0).
-# W-REINFORCE keeps both, with lambda = 0.1, the paper's choice: mostly pushing down wrong
-# answers, which the authors found keeps entropy and pass@k up.
+# PSR trains on the correct responses only (A = 1), NSR on the wrong ones (A = -1); as in
+# the released code (batch.subset), rl_step drops the rows with A = 0 from the batch and the
+# token-mean's denominator. W-REINFORCE keeps both with lambda = 0.1: mostly pushing down
+# wrong answers, which the authors found keeps entropy and pass@k up.
 
 
 def weighted_reinforce_advantages(rewards: torch.Tensor, pos_weight: float = 0.1,
@@ -429,13 +421,14 @@ def weighted_reinforce_advantages(rewards: torch.Tensor, pos_weight: float = 0.1
 
 
 # =========================================================================================
-# 6. Loss: the PPO-clipped token objective with Clip-Higher (DAPO)
+# 6. Loss: the PPO-clipped token objective with Clip-Higher (DAPO), or CISPO
 #   ratio = pi_theta(o_t) / pi_old(o_t)
 #   L_t   = -min(ratio A_t, clip(ratio, 1 - eps_low, 1 + eps_high) A_t)
 # eps_high > eps_low (0.28 vs 0.2) leaves more room to raise unlikely tokens: the
-# standard guard against entropy collapse. token-mean = sum over valid tokens / their
-# count; seq-mean-token-mean = mean over responses of their token means. Both take
-# explicit denominators, so summed micro-batches give exactly the mini-batch's gradient.
+# standard guard against entropy collapse. CISPO clips the weight instead (--policy-loss).
+# token-mean = sum over valid tokens / their count; seq-mean-token-mean = mean over
+# responses of their token means. Both take explicit denominators, so summed micro-batches
+# give exactly the mini-batch's gradient.
 # =========================================================================================
 
 
@@ -447,6 +440,20 @@ def clipped_token_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
     unclipped = ratio * advantages
     clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * advantages
     return -torch.minimum(unclipped, clipped), ratio
+
+
+def cispo_token_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
+                     advantages: torch.Tensor, clip_low: float = 0.2,
+                     clip_high: float = 0.28) -> tuple[torch.Tensor, torch.Tensor]:
+    """CISPO (MiniMax-M1, arXiv 2506.13585) clips the importance weight, not the update:
+      L_t = -sg(clip(ratio_t, 1 - eps_low, 1 + eps_high)) A_t log pi_theta(o_t)
+    A token outside the range keeps its gradient, at the clipped weight; where no ratio
+    leaves it, the gradient -ratio A grad log pi is the clipped loss's (the values differ).
+    verl's loss_mode=cispo is this (clip_ratio 0.2 / 0.2); TRL's loss_type="cispo" caps
+    the weight above only, at epsilon_high itself (5.0 advised). (B, T) x 3 -> (B, T) x 2."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    weight = ratio.clamp(1 - clip_low, 1 + clip_high).detach()
+    return -weight * advantages * logprobs, ratio
 
 
 def aggregate_loss(token_loss: torch.Tensor, mask: torch.Tensor, loss_agg: str = "token-mean",
@@ -527,9 +534,8 @@ def entropy_guided_lambda(pos_weight: float, entropy: float, target: float = 0.2
 # entropy by about -eta Cov(log pi, A) over the batch's tokens, so the tokens of largest
 #   cov_t = (A_t - mean A) (log pi_t - mean log pi)
 # collapse it. Clip-Cov removes the gradient of a random few with lb < cov_t < ub; KL-Cov
-# adds coef |log pi - log pi_old| to the loss of the top-k. verl 0.9.1: ratio 2e-4, lb 1,
-# ub 5; KL-Cov ratio 2e-4, coef 0.1 (its recipes: 1). The tiny preset's 8,000 tokens need
-# 5e-3 and 1e-2 (2e-4 of them is one token).
+# adds coef |log pi - log pi_old| to the loss of the top-k (verl's ratio 2e-4 is one token of
+# the tiny preset's 8,000: it uses 5e-3 and 1e-2).
 # Forking tokens (Wang et al., arXiv 2506.01939): the loss only on the tokens whose entropy
 # is in the batch's top rho = 20%, the "forks" where the reasoning branches.
 
@@ -592,10 +598,9 @@ def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor,
     return valid & (entropy >= threshold)
 
 
-# Entropy bonus: loss -= alpha * H, H the token-mean entropy of the current policy, with
-# its gradient (TRL's entropy_coef, verl's entropy_coeff). Adaptive alpha, Skywork-OR1 (He et
-# al., arXiv 2505.22312): raise it while entropy is under a target, lower it above, and switch
-# the bonus off above. Released: target 0.2, delta 1e-4, alpha in [0, 0.005], alpha_0 = 0.
+# Entropy bonus: loss -= alpha H, H the current policy's token-mean entropy, with its gradient
+# (TRL's entropy_coef, verl's entropy_coeff). Adaptive alpha (Skywork-OR1, arXiv 2505.22312):
+# raised under a target entropy, lowered and off above. Released: 0.2, 1e-4, [0, 0.005], 0.
 
 
 def trainable_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -618,8 +623,8 @@ def adaptive_entropy_coef(coef: float, entropy: float, target: float = 0.2,
 # 7. One RL step: the algorithm, top to bottom
 # rl_step() is GRPO with the shaping of [A], the weights of [B] and the field's controls:
 #   sample G responses per prompt (3) -> reward them (2) -> old log-probs and entropy, no
-#   grad (4) -> advantages A_i, shaped (5) -> clipped-loss updates over mini-batches (6).
-# Its settings are the plain values of `args` (Args, section 14).
+#   grad (4) -> advantages A_i, shaped (5) -> clipped-loss updates over mini-batches (6),
+# with the plain values of `args` (Args, section 14) as its settings.
 # =========================================================================================
 
 
@@ -675,11 +680,11 @@ def old_policy_stats(model, rollout: dict, temperature: float, micro_batch_size:
 def mini_batch_gradient(model, rollout: dict, targets: dict, rows: torch.Tensor, args: Args, *,
                         entropy_coef: float = 0.0) -> tuple[float | None, list[dict]]:
     """loss.backward() over the micro-batches of the mini-batch `rows` (micro_batch_logits,
-    token_logprobs). Token t's loss is w_t L_t (clipped_token_loss, or kl_cov_token_loss on
-    KL-Cov's picks) minus entropy_coef x trainable_entropy, each divided by the mini-batch's
-    own counts (aggregate_loss). `targets`: the batch's (B, T) old_logp, advantages,
-    token_weights, kl_picked (or None). Returns (the loss, None if not finite; per micro-batch,
-    clip_stats times its share of the tokens of all the updates planned for the batch)."""
+    token_logprobs). Token t's loss is w_t L_t (clipped_token_loss or cispo_token_loss, or
+    kl_cov_token_loss on KL-Cov's picks) minus entropy_coef x trainable_entropy, each over
+    the mini-batch's own counts (aggregate_loss). `targets`: the batch's (B, T) old_logp,
+    advantages, token_weights, kl_picked (or None). Returns (the loss, None if not finite;
+    per micro-batch, clip_stats times its share of the tokens of all planned updates)."""
     mask, comp = rollout["completion_mask"], rollout["completion_ids"]
     n_tokens, n_seqs = mask[rows].sum(), float(len(rows))
     planned = args.updates_per_batch * args.mini_batches  # the stats are the mean over these
@@ -689,7 +694,8 @@ def mini_batch_gradient(model, rollout: dict, targets: dict, rows: torch.Tensor,
         logp = token_logprobs(logits, comp[idx, :n], args.temperature)
         old, adv, m = targets["old_logp"][idx, :n], targets["advantages"][idx, :n], mask[idx, :n]
         if targets["kl_picked"] is None:
-            token_loss, ratio = clipped_token_loss(logp, old, adv, args.clip_low, args.clip_high)
+            objective = cispo_token_loss if args.policy_loss == "cispo" else clipped_token_loss
+            token_loss, ratio = objective(logp, old, adv, args.clip_low, args.clip_high)
         else:
             token_loss, ratio = kl_cov_token_loss(logp, old, adv, targets["kl_picked"][idx, :n],
                                                   args.kl_cov_coef)
@@ -711,11 +717,10 @@ def mini_batch_gradient(model, rollout: dict, targets: dict, rows: torch.Tensor,
 
 def policy_update(model, optimizer, rollout: dict, targets: dict, args: Args, *,
                   n_passes: int = 1, entropy_coef: float = 0.0) -> dict:
-    """n_passes passes over the rows to train (targets["rows"]), each cut into
-    args.mini_batches random mini-batches: one optimizer step per mini-batch, on the gradient
-    that mini_batch_gradient accumulates, clipped to max_grad_norm. An update whose loss is
-    not finite is skipped, never written into the weights. Returns the mean loss, clip
-    fractions and approx KL (clip_stats), the mean grad norm and the counts."""
+    """n_passes passes over targets["rows"], each cut into args.mini_batches random
+    mini-batches: one optimizer step each, on mini_batch_gradient's gradient clipped to
+    max_grad_norm; a non-finite loss skips its update. Returns the mean loss, clip fractions
+    and approx KL (clip_stats), the mean grad norm and the counts."""
     stats = {"loss": 0.0, "clip_frac_low": 0.0, "clip_frac_high": 0.0, "approx_kl": 0.0}
     grad_norms, skipped, optimizer_s, rows = [], 0, 0.0, targets["rows"]
     model.train()
@@ -752,7 +757,7 @@ def rl_step(model, tokenizer, optimizer, questions: list[str], golds: list[str],
     (or weighted_reinforce_advantages), ppl_weights or position_shaped_advantages,
     posneg_token_weights, the controls' picks (high_entropy_mask, token_covariance,
     clip_cov_mask, kl_cov_mask), policy_update. Returns the step's tensors (rewards (B,),
-    entropy (B, T), advantages (B, T), ...), the update's stats and seconds per phase."""
+    entropy (B, T), ...), the update's stats and seconds per phase."""
     device, G = next(model.parameters()).device, args.group_size
     clock = [now()]
     # rollouts (section 3): G samples per prompt from pi_old, rows g*G .. g*G+G-1
@@ -833,10 +838,9 @@ def eval_outcomes(model, tokenizer, problems: list[dict], k: int, max_new_tokens
                   bf16: bool = False, eos_ids: list[int] | None = None, greedy: bool = False,
                   temperature: float = 1.0, top_p: float = 1.0, confidences: list | None = None,
                   micro_batch_size: int = 8) -> list[list[float]]:
-    """1.0 / 0.0 (solved or not) for k responses to each problem (sample_responses,
-    batch_size at a time): one list of k per problem. With a `confidences` list, appends
-    each response's answer_confidence (old_policy_stats: one more forward, at T = 1 for
-    greedy responses)."""
+    """1.0 / 0.0 (solved or not) for k responses to each problem (sample_responses, batch_size
+    at a time): one list of k per problem. A `confidences` list gets each response's
+    answer_confidence (old_policy_stats: one more forward, at T = 1 for greedy ones)."""
     from tqdm import tqdm
 
     outcomes = []
@@ -863,10 +867,9 @@ def eval_outcomes(model, tokenizer, problems: list[dict], k: int, max_new_tokens
 
 def greedy_calibration(model, tokenizer, problems: list[dict], max_new_tokens: int,
                        **eval_kw) -> dict:
-    """Greedy accuracy (the share of problems whose greedy response earns reward 1) with the
-    calibration of [B]: ECE (expected_calibration_error) of the confidence in each greedy
-    answer (answer_confidence) against its correctness, and the mean confidence. eval_kw:
-    the keywords of eval_outcomes. -> {accuracy, ece, confidence}."""
+    """Greedy accuracy (share of problems whose greedy response earns reward 1) and [B]'s
+    calibration: ECE (expected_calibration_error) of the confidence in each greedy answer
+    (answer_confidence), and the mean confidence. eval_kw: eval_outcomes' keywords."""
     confidences: list[float] = []
     outcomes = eval_outcomes(model, tokenizer, problems, 1, max_new_tokens, greedy=True,
                              confidences=confidences, **eval_kw)
@@ -900,8 +903,7 @@ def evaluate_sampled(model, tokenizer, problems: list[dict], k: int, temperature
 
 # =========================================================================================
 # 9. The training loop: rl_step (section 7) inside evaluation, logging and checkpoints
-# Everything that changes from step to step lives in one LoopState, which a checkpoint
-# saves (section 13) and --resume restores.
+# What changes from step to step lives in one LoopState, which a checkpoint saves (13).
 # =========================================================================================
 
 
@@ -1647,6 +1649,7 @@ TINY_MODEL = {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 
 # from every core, RL's do not.
 DEFAULT_THREADS = torch.get_num_threads()
 SHIPPED_WARMUPS = Path(__file__).resolve().parent / "testdata"  # tiny-warmup-<key>.safetensors
+POOL_SIZE = 5000  # built-in problems, the default --train-size
 
 
 def make_arithmetic_problem(rng: random.Random, n_terms: tuple[int, int] = (4, 5),
@@ -1793,17 +1796,22 @@ def supervised_warmup(model, tokenizer, problems: list[dict], steps: int, *, bat
     return losses
 
 
-def tiny_warm_model(args: Args, train_set: list[dict]):
-    """The tiny model after the supervised warm-up: the shipped weights, else the cache,
-    else trained here (supervised_warmup) and cached."""
+def warmup_pool(train_size: int) -> list[dict]:
+    """The built-in problems that the warm-up imitates and RL draws from (its first N)."""
+    return builtin_task(max(train_size, POOL_SIZE), seed=0)
+
+
+def tiny_warm_model(args: Args):
+    """The tiny model after the supervised warm-up on warmup_pool: the shipped weights, else
+    the cache, else trained here (supervised_warmup) and cached."""
     from transformers import AutoModelForCausalLM
 
-    tokenizer = build_char_tokenizer()
+    tokenizer, problems = build_char_tokenizer(), warmup_pool(args.train_size)
     key = json.dumps({"model": TINY_MODEL, "steps": args.warmup_steps, "lr": args.warmup_lr,
                       "slip": args.warmup_slip, "off_by_one": args.warmup_off_by_one,
                       "comma": args.warmup_comma,
                       "batch": args.warmup_batch_size, "seed": args.warmup_seed,
-                      "data": [train_set[0], len(train_set)], "v": 3}, sort_keys=True)
+                      "data": [problems[0], len(problems)], "v": 3}, sort_keys=True)
     name = f"tiny-warmup-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
     shipped, folder = SHIPPED_WARMUPS / f"{name}.safetensors", Path(args.cache_dir) / name
     if shipped.exists() and not args.train_warmup:
@@ -1821,7 +1829,7 @@ def tiny_warm_model(args: Args, train_set: list[dict]):
         try:  # RL's thread count comes back even if the warm-up is interrupted
             model = build_tiny_model(tokenizer, args.warmup_seed)
             losses = supervised_warmup(
-                model, tokenizer, train_set, args.warmup_steps, batch_size=args.warmup_batch_size,
+                model, tokenizer, problems, args.warmup_steps, batch_size=args.warmup_batch_size,
                 lr=args.warmup_lr, seed=args.warmup_seed, slip=args.warmup_slip,
                 off_by_one=args.warmup_off_by_one, comma=args.warmup_comma)
         finally:
@@ -1993,7 +2001,8 @@ class Args:
     dataset: str = setting("builtin", "builtin, gsm8k, or a .jsonl/.json/.parquet/.csv file")
     question_field: str = setting("question", "question column of a dataset file")
     answer_field: str = setting("answer", "answer column of a dataset file")
-    train_size: int | None = setting(5000, "training problems (a file: its first N)", "[1, inf)")
+    train_size: int | None = setting(POOL_SIZE, "training problems (a file: its first N)",
+                                     "[1, inf)")
     eval_size: int = setting(500, "held-out problems", "[1, inf)")
     instruction: str = setting("", "text appended to each question in the prompt")
     reward: str = setting("math", "grader: the exact one, or math-verify",
@@ -2048,6 +2057,8 @@ class Args:
                                       "[0, inf)")
     clip_low: float = setting(0.2, "PPO clip epsilon_low", "[0, 1]", group="loss and updates")
     clip_high: float = setting(0.28, "PPO clip epsilon_high (Clip-Higher)", "[0, inf)")
+    policy_loss: str = setting("clip", "token objective: the PPO clip, or cispo (a clipped "
+                               "weight)", choices=("clip", "cispo"))
     loss_agg: str = setting("token-mean", "how token losses are averaged",
                             choices=("token-mean", "seq-mean-token-mean"))
     updates_per_batch: int = setting(1, "passes over each rollout batch", "[1, inf)")
@@ -2179,11 +2190,10 @@ def check_args(args: Args) -> None:
          "the tiny model only knows the built-in task; use --dataset builtin or pass --model"),
         (args.dataset != "builtin" or args.train_size is not None,
          "--dataset builtin needs --train-size (how many problems to make)"),
-        (args.model != "tiny" or args.train_size is None
-         or args.warmup_batch_size <= args.train_size,
-         "--warmup-batch-size must not exceed --train-size"),
         (not (args.resume and args.overwrite), "--resume and --overwrite exclude each other"),
         (args.clip_cov_low < args.clip_cov_high, "--clip-cov-low must be below --clip-cov-high"),
+        (not (args.kl_cov and args.policy_loss == "cispo"),
+         "--kl-cov brings its own token loss; it does not combine with --policy-loss cispo"),
     ]
     for ok, message in checks:
         if not ok:
@@ -2298,9 +2308,11 @@ def load_data(args: Args) -> tuple[list[dict], list[dict]]:
     """Train and held-out problems for the chosen --dataset."""
     if args.dataset == "builtin":
         # Fixed problem sets (like a real dataset): --seed changes the order, not the problems.
-        train_set = builtin_task(args.train_size, seed=0)
-        eval_set = builtin_task(args.eval_size, seed=1, exclude={p["question"] for p in train_set})
-        return train_set, eval_set
+        # --train-size N takes the first N of the pool, so runs of any size share the held-out
+        # problems and the warm-up: only their RL data differ.
+        pool = warmup_pool(args.train_size)
+        eval_set = builtin_task(args.eval_size, seed=1, exclude={p["question"] for p in pool})
+        return pool[:args.train_size], eval_set
     if args.dataset == "gsm8k":
         print("loading GSM8K from the hub (or its local cache)")
         try:
@@ -2322,7 +2334,7 @@ def load_data(args: Args) -> tuple[list[dict], list[dict]]:
     return rows[args.eval_size:][:args.train_size], rows[:args.eval_size]
 
 
-def load_model(args: Args, train_set: list[dict], checkpoint: Path | None = None):
+def load_model(args: Args, checkpoint: Path | None = None):
     """(model, tokenizer) on args.device: from a checkpoint, the warmed-up tiny model, or a
     hub / local LM (with gradient checkpointing if asked)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -2336,7 +2348,7 @@ def load_model(args: Args, train_set: list[dict], checkpoint: Path | None = None
         except OSError as e:
             raise SystemExit(f"error: cannot use --cache-dir {args.cache_dir} ({e.strerror})"
                              ) from None
-        model, tokenizer = tiny_warm_model(args, train_set)
+        model, tokenizer = tiny_warm_model(args)
     else:
         if not Path(args.model).exists():
             print(f"loading {args.model} from the hub (or its local cache)")
@@ -2405,7 +2417,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.lambda_epochs is None:  # the epoch schedule's E: passes over the training set
         args.lambda_epochs = max(2, math.ceil(args.steps * args.prompts_per_step / len(train_set)))
     resume, record = read_resume(args, out_dir, checkpoint) if checkpoint else (None, None)
-    model, tokenizer = load_model(args, train_set, checkpoint)
+    model, tokenizer = load_model(args, checkpoint)
     if checkpoint is not None:
         print(f"resuming from {checkpoint} at step {resume['step']}")
     # Reseed after loading: a warm-up run and a cached run then sample the same RL batches.

@@ -2,6 +2,7 @@
 an independent route: a naive loop, a plain log_softmax, the sampler's own scores.
 Run: python -m pytest -q test_rlvr_entropy.py"""
 
+import copy
 import io
 import json
 import math
@@ -609,6 +610,92 @@ def test_clipped_loss_by_hand_both_sides():
     assert stats["clip_frac_high"] == 0.25 and stats["clip_frac_low"] == 0.25
 
 
+def test_cispo_by_hand_the_clipped_tokens_keep_their_gradient():
+    # The same four tokens. CISPO: L = -sg(w) A log pi, w = clip(r, 0.8, 1.28), so
+    # dL/dlog pi = -w A on every token, the clipped ones included:
+    #  a: w 1.28, A +1 -> -1.28     b: w 0.8, A -1 -> +0.8
+    #  c: w 0.5 -> 0.8, A +1 -> -0.8 (the clip lifts it)     d: w 1.28, A -1 -> +1.28
+    ratio = torch.tensor([[1.5, 0.5, 0.5, 1.5]])
+    adv = torch.tensor([[1.0, -1.0, 1.0, -1.0]])
+    logp = torch.log(ratio).requires_grad_(True)
+    tok_loss, r = R.cispo_token_loss(logp, torch.zeros(1, 4), adv, 0.2, 0.28)
+    assert torch.allclose(r, ratio)
+    want = -torch.tensor([[1.28, -0.8, 0.8, -1.28]]) * torch.log(ratio)
+    assert torch.allclose(tok_loss, want)
+    R.aggregate_loss(tok_loss, torch.ones(1, 4), "token-mean").backward()
+    assert torch.allclose(logp.grad, torch.tensor([[-1.28, 0.8, -0.8, 1.28]]) / 4)
+
+
+def naive_cispo(logp: list[list[float]], old: list[list[float]], adv: list[list[float]],
+                low: float, high: float) -> tuple[list[list[float]], list[list[float]]]:
+    """CISPO one token at a time, in plain floats: the loss -w A log pi and its derivative
+    in log pi, -w A (w is a constant), w = min(max(exp(lp - old), 1 - low), 1 + high)."""
+    loss, grad = [], []
+    for lp_row, old_row, a_row in zip(logp, old, adv):
+        w = [min(max(math.exp(lp - o), 1 - low), 1 + high) for lp, o in zip(lp_row, old_row)]
+        loss.append([-wi * a * lp for wi, a, lp in zip(w, a_row, lp_row)])
+        grad.append([-wi * a for wi, a in zip(w, a_row)])
+    return loss, grad
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cispo_equals_a_naive_reference_on_random_batches(seed):
+    g = torch.Generator().manual_seed(seed)
+    old = -3 * torch.rand(5, 9, generator=g, dtype=torch.float64)
+    logp = (old + 0.8 * (torch.rand(5, 9, generator=g, dtype=torch.float64) - 0.5))
+    adv = torch.randn(5, 9, generator=g, dtype=torch.float64)
+    logp.requires_grad_(True)
+    tok_loss, _ = R.cispo_token_loss(logp, old, adv, 0.1, 0.28)
+    tok_loss.sum().backward()
+    loss, grad = naive_cispo(logp.tolist(), old.tolist(), adv.tolist(), 0.1, 0.28)
+    assert torch.allclose(tok_loss, torch.tensor(loss, dtype=torch.float64))
+    assert torch.allclose(logp.grad, torch.tensor(grad, dtype=torch.float64))
+    ratio = (logp - old).exp()
+    assert ((ratio < 0.9) | (ratio > 1.28)).any()  # the clip acted on some tokens
+
+
+def test_cispo_has_the_clipped_losss_gradient_where_no_ratio_leaves_the_range():
+    """Inside [1 - eps_low, 1 + eps_high] both losses have the gradient -ratio A grad log pi
+    (token-mean, through aggregate_loss); their values differ (-r A vs -r A log pi)."""
+    g = torch.Generator().manual_seed(5)
+    old = -2 * torch.rand(4, 6, generator=g, dtype=torch.float64)
+    logp = old + 0.3 * (torch.rand(4, 6, generator=g, dtype=torch.float64) - 0.5)
+    adv = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    mask = (torch.rand(4, 6, generator=g) > 0.3).double()
+    assert ((logp - old).exp() - 1).abs().max() < 0.16  # every ratio inside (0.8, 1.28)
+    grads = []
+    for loss_fn in (R.clipped_token_loss, R.cispo_token_loss):
+        x = logp.clone().requires_grad_(True)
+        R.aggregate_loss(loss_fn(x, old, adv, 0.2, 0.28)[0], mask).backward()
+        grads.append(x.grad)
+    assert torch.allclose(grads[0], grads[1])
+    assert grads[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("extra", [{}, {"method": "posneg", "forking_top": 0.5, "clip_cov": True,
+                                      "clip_cov_ratio": 0.05, "clip_cov_low": 0.0,
+                                      "entropy_coef": 0.01}])
+def test_cispo_first_update_on_policy_is_the_clip_losss(tiny, extra):
+    """--policy-loss cispo through rl_step, alone and composed with [B]'s weights (lambda
+    0.5), forking tokens, Clip-Cov and the bonus: with one mini-batch the update is on
+    policy (ratio 1, inside the range), so its gradient is the clip loss's, and so are the
+    weights after the step (a second mini-batch would differ where a ratio left the range)."""
+    after = []
+    for loss in ("clip", "cispo"):
+        model = copy.deepcopy(tiny[0])
+        torch.manual_seed(0)
+        args = R.Args(group_size=4, max_new_tokens=8, mini_batches=1, micro_batch_size=0,
+                      policy_loss=loss, **extra)
+        out = R.rl_step(model, tiny[1], torch.optim.SGD(model.parameters(), lr=0.5),
+                        ["1+2", "3+4"], ["3", "7"], args, pos_weight=0.5,
+                        reward_fn=lambda text, gold: float(len(text) % 2))
+        assert all(out["picked"][c].any() for c in ("forking", "clip_cov") if c in out["picked"])
+        assert len(out["picked"]) == (2 if extra else 0)
+        after.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert not torch.equal(after[0], torch.cat([p.flatten() for p in tiny[0].parameters()]))
+    assert torch.allclose(after[0], after[1], atol=1e-6)
+
+
 def test_loss_aggregation_modes_by_hand():
     tok = torch.tensor([[1.0, 2.0, 3.0], [10.0, 0.0, 0.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
@@ -666,8 +753,8 @@ def test_default_run_loads_the_shipped_warmup_and_it_lands_in_the_band(tmp_path,
     from safetensors.torch import load_file
 
     args = R.parse_args(["--preset", "tiny", "--cache-dir", str(tmp_path)])
-    train_set, eval_set = R.load_data(args)
-    model, tok = R.tiny_warm_model(args, train_set)
+    _, eval_set = R.load_data(args)
+    model, tok = R.tiny_warm_model(args)
     assert "using its shipped weights" in capsys.readouterr().out and not list(tmp_path.iterdir())
     shipped = load_file(next(HERE.glob("testdata/tiny-warmup-*.safetensors")))
     state = model.state_dict()
@@ -687,11 +774,10 @@ def test_train_warmup_trains_instead_of_loading_and_caches(tmp_path, monkeypatch
     calls = []
     monkeypatch.setattr(R, "supervised_warmup", lambda *a, **k: calls.append(a[3]) or [2.0, 1.0])
     args = R.parse_args(["--preset", "tiny", "--cache-dir", str(tmp_path), "--train-warmup"])
-    train_set, _ = R.load_data(args)
-    R.tiny_warm_model(args, train_set)
+    R.tiny_warm_model(args)
     assert calls == [1500] and "loss 2.000 -> 1.000" in capsys.readouterr().out
     assert [p.name.startswith("tiny-warmup-") for p in tmp_path.iterdir()] == [True]
-    R.tiny_warm_model(args, train_set)
+    R.tiny_warm_model(args)
     assert calls == [1500] and "using the cached model" in capsys.readouterr().out
 
 
@@ -705,10 +791,10 @@ def test_retrained_default_warmup_behaves_as_the_shipped_one(tmp_path):
     in the band and is right or wrong on the same held-out problems as the shipped one, up
     to 3% of them (15 of 500)."""
     args = R.parse_args(["--preset", "tiny", "--cache-dir", str(tmp_path)])
-    train_set, eval_set = R.load_data(args)
-    shipped = start_by_crossing(*R.tiny_warm_model(args, train_set), eval_set, args.max_new_tokens)
+    _, eval_set = R.load_data(args)
+    shipped = start_by_crossing(*R.tiny_warm_model(args), eval_set, args.max_new_tokens)
     args.train_warmup = True
-    trained = start_by_crossing(*R.tiny_warm_model(args, train_set), eval_set, args.max_new_tokens)
+    trained = start_by_crossing(*R.tiny_warm_model(args), eval_set, args.max_new_tokens)
     assert trained["free"] >= 0.9 and trained["crossing"] <= 0.1 and 0.15 <= trained["start"] <= 0.30
     assert sum(a != b for a, b in zip(trained["solved"], shipped["solved"])) <= 15
 
@@ -1003,13 +1089,16 @@ def test_bad_files_and_folders_are_one_sentence(tmp_path):
         (["--preset", "tiny", "--out-dir", str(a_file)], f"error: --out-dir {a_file} is a file"),
         (["--preset", "tiny", "--out-dir", str(tmp_path / "o4"), "--resume", "--overwrite"],
          "error: --resume and --overwrite exclude each other"),
+        (["--preset", "tiny", "--out-dir", str(tmp_path / "o8"), "--kl-cov", "--policy-loss",
+          "cispo"], "error: --kl-cov brings its own token loss; it does not combine with "
+                    "--policy-loss cispo"),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit) as err:
             R.main(argv)
         assert str(err.value).startswith(message), (argv, str(err.value))
     assert a_file.read_text() == "keep me"
-    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 8))
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 9))
 
 
 def test_read_only_out_dir_is_one_sentence(tmp_path):
@@ -1835,6 +1924,25 @@ def test_shaping_from_the_detected_plateau(tmp_path, monkeypatch, warm_cache):
     assert [r["shaping"] for r in rows] == [False, False, True, True]
 
 
+def test_variant_curves_average_the_seeds_by_hand(tmp_path):
+    """plot --factors draws, per variant, the mean over seeds of each seed's entropy curve
+    and their range, over the steps every seed reached; variants in compare.md's order."""
+    for name, entropies in (("a-seed0", [1.0, 2.0, 3.0]), ("a-seed1", [3.0, 4.0]),
+                            ("b-seed0", [0.5, 0.25])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(
+            json.dumps({"step": i, "entropy": h, "reward": 0.0}) + "\n"
+            for i, h in enumerate(entropies)))
+    (tmp_path / "compare.md").write_text("| b | 1 |\n| a | 2 |\n")
+    curves = tools.variant_curves(tmp_path, smooth=1)
+    assert list(curves) == ["b", "a"]
+    assert curves["a"] == ([2.0, 3.0], [1.0, 2.0], [3.0, 4.0])
+    assert curves["b"] == ([0.5, 0.25], [0.5, 0.25], [0.5, 0.25])
+    assert tools.variant_curves(tmp_path, smooth=2)["a"][0] == [2.0, (1.5 + 3.5) / 2]
+    with pytest.raises(SystemExit, match="holds no run folders"):
+        tools.variant_curves(tmp_path / "a-seed0")
+
+
 def test_plot_and_compare_end_to_end(tmp_path, warm_cache):
     pytest.importorskip("matplotlib")
     out = tmp_path / "cmp"
@@ -1842,6 +1950,13 @@ def test_plot_and_compare_end_to_end(tmp_path, warm_cache):
             "--seeds", "1", "--out-dir", str(out), "--preset", "tiny", "--cache-dir", warm_cache, *SMALL])
     table = (out / "compare.md").read_text()
     assert "| grpo | 1 |" in table and "| pos-kl | 1 |" in table
+    header, grpo = (next(line for line in table.splitlines() if line.startswith(start))
+                    for start in ("| variant", "| grpo"))
+    cells = dict(zip(header.split(" | "), grpo.split(" | ")))
+    rows = R.read_metrics(out / "grpo-seed0" / "metrics.jsonl")
+    for side in ("low", "high"):  # one seed: the run's mean over its steps, in %
+        mean = sum(100 * r[f"clip_frac_{side}"] for r in rows) / len(rows)
+        assert cells[f"clip {side} (% of tokens, all steps)"] == f"{mean:.3f}"
     assert "--variant 'pos-kl=--method position --kl-cov'" in table  # the command, as typed
     variant = json.loads((out / "pos-kl-seed0" / "args.json").read_text())
     assert variant["method"] == "position" and variant["kl_cov"] is True
@@ -1849,6 +1964,8 @@ def test_plot_and_compare_end_to_end(tmp_path, warm_cache):
     assert (out / "compare.png").stat().st_size > 10_000
     png = tmp_path / "two.png"
     tools.main(["plot", str(out / "grpo-seed0"), str(out / "pos-kl-seed0"), "-o", str(png)])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    tools.main(["plot", "--factors", str(out), str(out), "-o", str(png)])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     with pytest.raises(SystemExit, match="not a run folder"):
         tools.main(["plot", str(tmp_path), "-o", str(png)])
@@ -2159,10 +2276,26 @@ def test_every_preset_default_passes_every_check(preset, method, tmp_path, monke
 
     monkeypatch.setattr(subprocess, "Popen", no_run)
     if preset == "tiny":  # compare warms the tiny model up once before its runs: skip that
-        monkeypatch.setattr(R, "tiny_warm_model", lambda args, train_set: None)
+        monkeypatch.setattr(R, "tiny_warm_model", lambda args: None)
     with pytest.raises(Started):
         tools.main(["compare", "--methods", method, "--seeds", "1", "--out-dir", str(tmp_path),
                 "--preset", preset])
+
+
+def test_builtin_train_size_changes_only_the_rl_problems(tmp_path, capsys):
+    """[B]'s data-diversity factor: --train-size N trains on the first N problems of the
+    default 5,000, and keeps the default's held-out problems (disjoint from all 5,000) and
+    its warm-up, so runs of different sizes start from one model and are scored alike."""
+    full_train, full_eval = R.load_data(R.parse_args(["--preset", "tiny"]))
+    for n in (32, 500):
+        args = R.parse_args(["--preset", "tiny", "--train-size", str(n), "--cache-dir",
+                             str(tmp_path)])
+        train, held_out = R.load_data(args)
+        assert train == full_train[:n] and held_out == full_eval
+        R.tiny_warm_model(args)
+        assert "using its shipped weights" in capsys.readouterr().out
+    assert not {p["question"] for p in full_eval} & {p["question"] for p in full_train}
+    assert not list(tmp_path.iterdir())  # no warm-up was trained
 
 
 def test_train_size_keeps_the_first_problems_of_a_file(tmp_path):

@@ -26,7 +26,7 @@ torch.manual_seed(0)
 torch.set_num_threads(1)  # as the tiny preset's RL (--threads 1)
 cycles = int(sys.argv[1])
 train_set = R.builtin_task(5000, seed=0)
-model, tok = R.tiny_warm_model(R.parse_args(["--preset", "tiny"]), train_set)
+model, tok = R.tiny_warm_model(R.parse_args(["--preset", "tiny"]))
 data = Dataset.from_list([{"prompt": R.build_prompt(tok, p["question"]), "answer": p["answer"]}
                           for p in train_set])
 

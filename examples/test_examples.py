@@ -181,6 +181,38 @@ def test_verl_posneg_policy_loss_equals_the_file(monkeypatch):
     assert metrics["actor/pos_weight"] == 0.25
 
 
+@pytest.mark.parametrize("low, high", [(0.2, 0.28), (0.1, 0.28), (0.3, 0.2)])
+def test_verl_cispo_loss_equals_the_file(low, high):
+    """verl 0.9.1's own `cispo` policy loss (core_algos.compute_policy_loss_cispo: the
+    weight clip(ratio, 1 - clip_ratio_low, 1 + clip_ratio_high), detached, times -A log pi,
+    token-mean) against cispo_token_loss through aggregate_loss: the same loss and the same
+    gradient in log pi, off policy, with ratios on both sides of the range. verl also
+    clamps log ratio to [-20, 20] before exp, which these ratios never reach. TRL 1.16's
+    loss_type="cispo" differs on purpose: it caps the weight above only, at epsilon_high
+    itself (min(ratio, 5.0) as ScaleRL advises), and is not compared here."""
+    pytest.importorskip("verl")
+    from verl.trainer.ppo import core_algos
+    from verl.workers.config import ActorConfig
+
+    config = ActorConfig(strategy="fsdp", ppo_mini_batch_size=2, ppo_micro_batch_size_per_gpu=1,
+                         rollout_n=1, clip_ratio_low=low, clip_ratio_high=high)
+    g = torch.Generator().manual_seed(11)
+    mask = (torch.rand(6, 9, generator=g) > 0.25).float()
+    old = -2 * torch.rand(6, 9, generator=g)
+    new = old + 0.9 * (torch.rand(6, 9, generator=g) - 0.5)
+    adv = torch.randn(6, 1, generator=g).expand(6, 9).clone()
+    ratio = (new - old).exp()
+    assert ((ratio < 1 - low) & (mask > 0)).any() and ((ratio > 1 + high) & (mask > 0)).any()
+    theirs_in, ours_in = new.clone().requires_grad_(True), new.clone().requires_grad_(True)
+    theirs, _ = core_algos.get_policy_loss_fn("cispo")(old, theirs_in, adv, mask, "token-mean",
+                                                        config)
+    ours = R.aggregate_loss(R.cispo_token_loss(ours_in, old, adv, low, high)[0], mask)
+    theirs.backward()
+    ours.backward()
+    assert theirs.item() == pytest.approx(ours.item(), abs=1e-6)
+    assert torch.allclose(theirs_in.grad, ours_in.grad, atol=1e-7)
+
+
 def test_verl_driver_patch_hands_old_log_probs_to_ppl(monkeypatch):
     pytest.importorskip("verl")
     from types import SimpleNamespace

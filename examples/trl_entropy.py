@@ -115,7 +115,7 @@ def tiny_setup(warmup_steps: int | None = None, cache_dir: str | None = None):
                          *(["--warmup-steps", str(warmup_steps)] if warmup_steps else []),
                          *(["--cache-dir", cache_dir] if cache_dir else [])])
     train_set = R.builtin_task(args.train_size, seed=0)
-    model, tok = R.tiny_warm_model(args, train_set)
+    model, tok = R.tiny_warm_model(args)
     data = Dataset.from_list([{"prompt": R.build_prompt(tok, p["question"]), "answer": p["answer"]}
                               for p in train_set])
     return model, tok, data

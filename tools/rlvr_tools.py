@@ -218,12 +218,13 @@ def mean_std(values: list[float | None], digits: int = 3) -> str:
 
 def compare_table(runs: list[dict], wall: dict) -> str:
     """Markdown table, one line per variant (a run's "variant", else its method): mean ±
-    sample std over its runs (seeds)."""
+    sample std over its runs (seeds). A clip fraction is first a run's mean over its steps."""
     k = next((r["summary"]["eval_k"] for r in runs if r["summary"]), 0)
     header = (f"| variant | runs | final greedy acc | avg@{k} | pass@{k} | final entropy "
               "(last 20 steps) | distinct answers per group (last 20 steps) | final ECE "
+              "| clip low (% of tokens, all steps) | clip high (% of tokens, all steps) "
               "| plateau step | wall time (s) |")
-    lines = [header, "|" + "---|" * 10]
+    lines = [header, "|" + "---|" * 12]
     def name(run: dict) -> str:
         return run.get("variant") or run["args"]["method"]
 
@@ -232,11 +233,13 @@ def compare_table(runs: list[dict], wall: dict) -> str:
         get = [[r["summary"].get(key) for r in done] for key in
                ("final_accuracy", "final_avg_at_k", "final_pass_at_k", "final_entropy",
                 "final_distinct_answers", "final_ece")]
+        clips = [[100 * sum(row[key] for row in r["rows"]) / len(r["rows"]) for r in done]
+                 for key in ("clip_frac_low", "clip_frac_high")]
         stages = [r["stage_step"] for r in done if r["stage_step"] is not None]
         stage = "none" if not stages else mean_std(stages, 1) + (
             f" ({len(stages)} of {len(done)} runs)" if len(stages) < len(done) else "")
         secs = mean_std([wall[str(r["dir"])] for r in done], 0)
-        lines.append(f"| {variant} | {len(done)} | " + " | ".join(mean_std(v) for v in get)
+        lines.append(f"| {variant} | {len(done)} | " + " | ".join(map(mean_std, get + clips))
                      + f" | {stage} | {secs} |")
     return "\n".join(lines) + "\n"
 
@@ -393,7 +396,7 @@ def compare(argv: list[str]) -> str:
               f"(--overwrite redoes them)")
     if args.model == "tiny" and todo:  # warm up once here, so parallel runs do not all do it
         R.set_seed(args.seed)
-        R.tiny_warm_model(args, R.load_data(args)[0])
+        R.tiny_warm_model(args)
     # Parallel runs share the cores, unless the preset or the flags pin the threads already.
     threads = (max(1, (os.cpu_count() or 1) // opts.jobs)
                if opts.jobs > 1 and not args.threads else None)
@@ -454,6 +457,48 @@ def plot_overview(run_dirs: list[Path], out_path: Path, smooth: int = 5) -> Path
     return save_figure(fig, out_path)
 
 
+def variant_curves(folder: Path, smooth: int = 5) -> dict:
+    """The runs of a `compare` folder ({variant}-seed{n}) as {variant: (mean, low, high)}:
+    each seed's moving-average token entropy, then per step their mean, min and max (over
+    the steps every seed reached). Variants in compare.md's order, else by name."""
+    runs = {}
+    for d in sorted(Path(folder).glob("*-seed*")):
+        if (d / "metrics.jsonl").is_file():
+            runs.setdefault(d.name.rsplit("-seed", 1)[0], []).append(read_run(d))
+    if not runs:
+        raise SystemExit(f"error: {folder} holds no run folders (NAME-seedN) of compare")
+    table = (folder / "compare.md").read_text() if (folder / "compare.md").exists() else ""
+    out = {}
+    for name in sorted(runs, key=lambda n: (f"| {n} |" not in table, table.find(f"| {n} |"), n)):
+        curves = [moving_average([r["entropy"] for r in run["rows"]], smooth) for run in runs[name]]
+        at = list(zip(*curves))  # per step, one value per seed (zip stops at the shortest)
+        out[name] = ([sum(v) / len(v) for v in at], [min(v) for v in at], [max(v) for v in at])
+    return out
+
+
+def plot_factors(compare_dirs: list[Path], out_path: Path, smooth: int = 5) -> Path:
+    """One panel per `compare` folder (one factor): each variant's token entropy over steps,
+    the mean over its seeds, their range shaded (variant_curves)."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("error: plotting needs matplotlib: pip install matplotlib") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(compare_dirs), figsize=(5.2 * len(compare_dirs), 3.8),
+                             squeeze=False)
+    for ax, folder in zip(axes[0], compare_dirs):
+        for i, (name, (mean, low, high)) in enumerate(variant_curves(folder, smooth).items()):
+            ax.plot(range(len(mean)), mean, c=f"C{i}", lw=1.5, label=name)
+            ax.fill_between(range(len(mean)), low, high, color=f"C{i}", alpha=0.15, lw=0)
+        ax.set(title=f"{Path(folder).name}: token entropy ({smooth}-step mean, seeds' range)",
+               xlabel="RL step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return save_figure(fig, out_path)
+
+
 def plot_command(argv: list[str]) -> Path:
     """`plot RUN_DIR [RUN_DIR ...] -o fig.png`."""
     p = argparse.ArgumentParser(prog="tools/rlvr_tools.py plot",
@@ -463,12 +508,14 @@ def plot_command(argv: list[str]) -> Path:
     p.add_argument("--smooth", type=int, default=5, help="moving-average window (steps)")
     p.add_argument("--overview", action="store_true", help="two panels only: accuracy and "
                    "entropy over steps, the shaping window shaded (the README's figure)")
+    p.add_argument("--factors", action="store_true", help="each folder is a compare --out-dir:"
+                   " one panel per folder, each variant's entropy over steps (mean of seeds)")
     opts = p.parse_args(argv)
     if opts.smooth < 1:
         raise SystemExit(f"error: --smooth must be at least 1 (got {opts.smooth})")
     if Path(opts.output).is_dir():
         raise SystemExit(f"error: -o {opts.output} is a folder; name a .png file")
-    draw = plot_overview if opts.overview else plot_runs
+    draw = plot_factors if opts.factors else plot_overview if opts.overview else plot_runs
     out = draw([Path(d) for d in opts.run_dirs], Path(opts.output), opts.smooth)
     print(f"saved {out}")
     return out
