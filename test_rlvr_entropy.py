@@ -1090,8 +1090,7 @@ def test_bad_files_and_folders_are_one_sentence(tmp_path):
         (["--preset", "tiny", "--out-dir", str(tmp_path / "o4"), "--resume", "--overwrite"],
          "error: --resume and --overwrite exclude each other"),
         (["--preset", "tiny", "--out-dir", str(tmp_path / "o8"), "--kl-cov", "--policy-loss",
-          "cispo"], "error: --kl-cov brings its own token loss; it does not combine with "
-                    "--policy-loss cispo"),
+          "cispo"], "error: --kl-cov brings its own token loss"),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit) as err:
