@@ -1923,6 +1923,20 @@ def test_shaping_from_the_detected_plateau(tmp_path, monkeypatch, warm_cache):
     assert [r["shaping"] for r in rows] == [False, False, True, True]
 
 
+def test_resolved_is_welchs_test_at_2_78_standard_errors():
+    # [1, 2, 3] vs [4, 5, 6]: means 2 and 5, sample variances 1 and 1, so the standard
+    # error of the difference is sqrt(1/3 + 1/3) = 0.816 and 2.78 of them are 2.27 < 3
+    assert tools.resolved([1.0, 2.0, 3.0], [4.0, 5.0, 6.0])
+    assert not tools.resolved([1.0, 2.0, 3.0], [2.0, 3.0, 4.0])  # 1 < 2.27
+    assert not tools.resolved([1.0], [4.0, 5.0, 6.0])  # one run has no spread to judge
+    assert tools.resolved([2.0, 2.0], [3.0, 3.0]) and not tools.resolved([2.0, 2.0], [2.0, 2.0])
+    cell = tools.resolved_cell([[1.0, 2.0, 3.0], [0.06, 0.06, 0.06], [0.5, 0.6, None]],
+                               [[4.0, 5.0, 6.0], [0.04, 0.04, 0.04], [0.5, 0.6, 0.7]],
+                               ["accuracy", "entropy", "ECE"])
+    assert cell == "accuracy -3.000, entropy 1.50×"
+    assert tools.resolved_cell([[1.0, 2.0]], [[1.0, 2.0]], ["accuracy"]) == "—"
+
+
 def test_variant_curves_average_the_seeds_by_hand(tmp_path):
     """plot --factors draws, per variant, the mean over seeds of each seed's entropy curve
     and their range, over the steps every seed reached; variants in compare.md's order."""
@@ -1946,9 +1960,11 @@ def test_plot_and_compare_end_to_end(tmp_path, warm_cache):
     pytest.importorskip("matplotlib")
     out = tmp_path / "cmp"
     tools.main(["compare", "--methods", "grpo", "--variant", "pos-kl=--method position --kl-cov",
-            "--seeds", "1", "--out-dir", str(out), "--preset", "tiny", "--cache-dir", warm_cache, *SMALL])
+            "--seeds", "1", "--out-dir", str(out), "--preset", "tiny", "--cache-dir", warm_cache,
+            "--reference", "grpo", *SMALL])
     table = (out / "compare.md").read_text()
     assert "| grpo | 1 |" in table and "| pos-kl | 1 |" in table
+    assert "| (the reference) |" in table and table.count(" | — |") == 1  # one seed: nothing
     header, grpo = (next(line for line in table.splitlines() if line.startswith(start))
                     for start in ("| variant", "| grpo"))
     cells = dict(zip(header.split(" | "), grpo.split(" | ")))
@@ -1973,6 +1989,7 @@ def test_plot_and_compare_end_to_end(tmp_path, warm_cache):
     for bad, says in ((["--variant", "no-equals"], "want NAME=FLAGS"),
                       (["--methods", "grpo", "--variant", "grpo=--kl-cov"], "NAME unique"),
                       (["--variant", "a=--seed 3"], "compare sets --seed itself"),
+                      (["--methods", "grpo", "--reference", "ppl"], "not one of the rows"),
                       (["--variant", "a=--clip-cov --clip-cov-low 5 --clip-cov-high 1"], "must be below")):
         with pytest.raises(SystemExit, match=says):
             tools.main(["compare", *bad, "--out-dir", str(tmp_path / "never")])

@@ -216,31 +216,69 @@ def mean_std(values: list[float | None], digits: int = 3) -> str:
     return f"{m:.{digits}f} ± {std:.{digits}f}"
 
 
-def compare_table(runs: list[dict], wall: dict) -> str:
+def resolved(values: list[float], reference: list[float], t: float = 2.78) -> bool:
+    """Whether two groups of runs differ by more than t standard errors of the difference
+    (Welch: sqrt(s1^2/n1 + s2^2/n2); 2.78 is the 95% point of Student's t at about 4
+    degrees of freedom, 3 seeds against 3). Needs two runs on each side."""
+    if len(values) < 2 or len(reference) < 2:
+        return False
+    def mean_var(x: list[float]) -> tuple[float, float]:
+        m = sum(x) / len(x)
+        return m, sum((v - m) ** 2 for v in x) / (len(x) - 1)
+
+    (m1, v1), (m2, v2) = mean_var(values), mean_var(reference)
+    se = math.sqrt(v1 / len(values) + v2 / len(reference))
+    return abs(m1 - m2) > t * se if se > 0 else m1 != m2
+
+
+def resolved_cell(columns: list[list], reference: list[list], names: list[str]) -> str:
+    """The differences from the reference row that three seeds resolve (resolved): entropy
+    as a ratio of means, the others as signed differences; '—' for none."""
+    out = []
+    for name, vals, ref in zip(names, columns, reference):
+        vals, ref = [v for v in vals if v is not None], [v for v in ref if v is not None]
+        if resolved(vals, ref):
+            m, r = sum(vals) / len(vals), sum(ref) / len(ref)
+            out.append(f"{name} {m / r:.2f}×" if name == "entropy" else f"{name} {m - r:+.3f}")
+    return ", ".join(out) or "—"
+
+
+def compare_table(runs: list[dict], wall: dict, reference: str | None = None) -> str:
     """Markdown table, one line per variant (a run's "variant", else its method): mean ±
-    sample std over its runs (seeds). A clip fraction is first a run's mean over its steps."""
+    sample std over its runs (seeds). A clip fraction is first a run's mean over its steps.
+    With a reference variant, a last column names the differences from it that the seeds
+    resolve (resolved_cell)."""
     k = next((r["summary"]["eval_k"] for r in runs if r["summary"]), 0)
     header = (f"| variant | runs | final greedy acc | avg@{k} | pass@{k} | final entropy "
               "(last 20 steps) | distinct answers per group (last 20 steps) | final ECE "
               "| clip low (% of tokens, all steps) | clip high (% of tokens, all steps) "
-              "| plateau step | wall time (s) |")
-    lines = [header, "|" + "---|" * 12]
+              "| plateau step | wall time (s) |" + (f" resolved against {reference} by the "
+                                                     "seeds |" if reference else ""))
+    lines = [header, "|" + "---|" * (13 if reference else 12)]
     def name(run: dict) -> str:
         return run.get("variant") or run["args"]["method"]
 
+    def columns(variant: str) -> list[list]:
+        done = [r for r in runs if name(r) == variant and r["summary"]]
+        return [[r["summary"].get(key) for r in done] for key in
+                ("final_accuracy", "final_avg_at_k", "final_pass_at_k", "final_entropy",
+                 "final_distinct_answers", "final_ece")] + [
+                [100 * sum(row[key] for row in r["rows"]) / len(r["rows"]) for r in done]
+                for key in ("clip_frac_low", "clip_frac_high")]
+
+    names = ["accuracy", f"avg@{k}", f"pass@{k}", "entropy", "distinct answers", "ECE",
+             "clip low %", "clip high %"]
     for variant in dict.fromkeys(map(name, runs)):
         done = [r for r in runs if name(r) == variant and r["summary"]]
-        get = [[r["summary"].get(key) for r in done] for key in
-               ("final_accuracy", "final_avg_at_k", "final_pass_at_k", "final_entropy",
-                "final_distinct_answers", "final_ece")]
-        clips = [[100 * sum(row[key] for row in r["rows"]) / len(r["rows"]) for r in done]
-                 for key in ("clip_frac_low", "clip_frac_high")]
         stages = [r["stage_step"] for r in done if r["stage_step"] is not None]
         stage = "none" if not stages else mean_std(stages, 1) + (
             f" ({len(stages)} of {len(done)} runs)" if len(stages) < len(done) else "")
         secs = mean_std([wall[str(r["dir"])] for r in done], 0)
-        lines.append(f"| {variant} | {len(done)} | " + " | ".join(map(mean_std, get + clips))
-                     + f" | {stage} | {secs} |")
+        cells = " | ".join(map(mean_std, columns(variant))) + f" | {stage} | {secs} |"
+        if reference:
+            cells += (" (the reference) |" if variant == reference else
+                      f" {resolved_cell(columns(variant), columns(reference), names)} |")
+        lines.append(f"| {variant} | {len(done)} | {cells}")
     return "\n".join(lines) + "\n"
 
 
@@ -297,6 +335,8 @@ def compare_parser() -> argparse.ArgumentParser:
                         "'nsr=--method posneg --pos-weight 0' or 'clip-cov=--clip-cov-ratio "
                         "0.01'; repeat for more; without --method a variant is grpo")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 for every method")
+    p.add_argument("--reference", metavar="NAME", help="a method or variant: a last column "
+                   "names the differences from it that the seeds resolve (Welch, 2.78 SE)")
     p.add_argument("--out-dir", default="runs/compare", help="one sub-folder per run, plus "
                    "compare.md and compare.png")
     p.add_argument("--jobs", type=int, default=1,
@@ -386,6 +426,9 @@ def compare(argv: list[str]) -> str:
     opts, train_flags = compare_parser().parse_known_args(argv)
     start = time.time()  # the whole command, warm-up included
     methods, variants = compare_variants(opts.methods, opts.variant)
+    if opts.reference is not None and opts.reference not in variants:
+        raise SystemExit(f"error: --reference {opts.reference!r} is not one of the rows: "
+                         f"{', '.join(variants)}")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -407,8 +450,9 @@ def compare(argv: list[str]) -> str:
     command = shlex.join(["python", "tools/rlvr_tools.py", "compare"]
                          + (["--methods", ",".join(methods)] if methods else [])
                          + [f for spec in opts.variant for f in ("--variant", spec)]
+                         + (["--reference", opts.reference] if opts.reference else [])
                          + ["--seeds", str(opts.seeds), "--jobs", str(opts.jobs), *train_flags])
-    table = compare_table(runs, wall) if runs else "no run finished\n"
+    table = compare_table(runs, wall, opts.reference) if runs else "no run finished\n"
     text = f"Command: `{command}`; total wall time {time.time() - start:.0f} s.\n\n{table}"
     (out_root / "compare.md").write_text(text)
     if runs:
