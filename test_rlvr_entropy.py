@@ -1923,6 +1923,29 @@ def test_shaping_from_the_detected_plateau(tmp_path, monkeypatch, warm_cache):
     assert [r["shaping"] for r in rows] == [False, False, True, True]
 
 
+def test_factor_tables_by_hand(tmp_path):
+    """`factors`: entropy in 10-step windows and the sign-rule quadrants, per variant over
+    seeds. Runs of 20 steps; each logs dH on its even steps only, all in pos_top."""
+    for name, h, x in (("b-seed0", 0.5, 1e-2), ("b-seed1", 0.5, 1e-2), ("a-seed0", 0.1, 1e-3),
+                       ("a-seed1", 0.3, 3e-3)):
+        rows = [{"step": i, "entropy": h + (0.01 if i >= 10 else 0.0), "reward": 0.0,
+                 **{f"dh_sum_{q}": (-x if q == "pos_top" else 0.0) if i % 2 == 0 else None
+                    for q in R.QUADRANTS}} for i in range(20)]
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lines = tools.factor_tables(tmp_path, "b", windows=2).splitlines()
+    assert lines[0] == "| variant | entropy, steps 0–9 | entropy, steps 10–19 |"
+    assert lines[2:4] == ["| a | 0.2000 ± 0.1414 | 0.2100 ± 0.1414 |",  # a: 0.1 and 0.3
+                          "| b | 0.5000 ± 0.0000 | 0.5100 ± 0.0000 |"]
+    # a: the runs' means over their logged steps, x 1000: -1 and -3; b: -10 and -10, so
+    # the difference 8 exceeds 2.78 standard errors (sqrt(2 / 2 + 0) = 1): starred
+    assert lines[7] == ("| a | -2.000 ± 1.414* | 0.000 ± 0.000 | 0.000 ± 0.000 | "
+                        "0.000 ± 0.000 | -2.000 ± 1.414* |")
+    assert lines[8].startswith("| b | -10.000 ± 0.000 |") and "*" not in lines[8]
+    with pytest.raises(SystemExit, match="not one of"):
+        tools.factor_tables(tmp_path, "c")
+
+
 def test_resolved_is_welchs_test_at_2_78_standard_errors():
     # [1, 2, 3] vs [4, 5, 6]: means 2 and 5, sample variances 1 and 1, so the standard
     # error of the difference is sqrt(1/3 + 1/3) = 0.816 and 2.78 of them are 2.27 < 3
@@ -1981,6 +2004,10 @@ def test_plot_and_compare_end_to_end(tmp_path, warm_cache):
     tools.main(["plot", str(out / "grpo-seed0"), str(out / "pos-kl-seed0"), "-o", str(png)])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     tools.main(["plot", "--factors", str(out), str(out), "-o", str(png)])
+    factors = tools.main(["factors", str(out), "--reference", "grpo"]).splitlines()
+    assert factors[0] == "| variant | entropy, steps 0–2 |"  # SMALL runs 3 steps
+    rows = R.read_metrics(out / "grpo-seed0" / "metrics.jsonl")
+    assert factors[2] == f"| grpo | {sum(r['entropy'] for r in rows) / 3:.4f} |"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     with pytest.raises(SystemExit, match="not a run folder"):
         tools.main(["plot", str(tmp_path), "-o", str(png)])

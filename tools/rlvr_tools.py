@@ -501,10 +501,9 @@ def plot_overview(run_dirs: list[Path], out_path: Path, smooth: int = 5) -> Path
     return save_figure(fig, out_path)
 
 
-def variant_curves(folder: Path, smooth: int = 5) -> dict:
-    """The runs of a `compare` folder ({variant}-seed{n}) as {variant: (mean, low, high)}:
-    each seed's moving-average token entropy, then per step their mean, min and max (over
-    the steps every seed reached). Variants in compare.md's order, else by name."""
+def variant_runs(folder: Path) -> dict:
+    """The runs of a `compare` folder ({variant}-seed{n}, read_run) as {variant: [runs]},
+    variants in compare.md's order, else by name."""
     runs = {}
     for d in sorted(Path(folder).glob("*-seed*")):
         if (d / "metrics.jsonl").is_file():
@@ -512,12 +511,53 @@ def variant_curves(folder: Path, smooth: int = 5) -> dict:
     if not runs:
         raise SystemExit(f"error: {folder} holds no run folders (NAME-seedN) of compare")
     table = (folder / "compare.md").read_text() if (folder / "compare.md").exists() else ""
+    return {n: runs[n] for n in sorted(runs, key=lambda n: (f"| {n} |" not in table,
+                                                            table.find(f"| {n} |"), n))}
+
+
+def variant_curves(folder: Path, smooth: int = 5) -> dict:
+    """{variant: (mean, low, high)} of a `compare` folder (variant_runs): each seed's
+    moving-average token entropy, then per step their mean, min and max (over the steps
+    every seed reached)."""
     out = {}
-    for name in sorted(runs, key=lambda n: (f"| {n} |" not in table, table.find(f"| {n} |"), n)):
-        curves = [moving_average([r["entropy"] for r in run["rows"]], smooth) for run in runs[name]]
+    for name, runs in variant_runs(folder).items():
+        curves = [moving_average([r["entropy"] for r in run["rows"]], smooth) for run in runs]
         at = list(zip(*curves))  # per step, one value per seed (zip stops at the shortest)
         out[name] = ([sum(v) / len(v) for v in at], [min(v) for v in at], [max(v) for v in at])
     return out
+
+
+def factor_tables(folder: Path, reference: str, windows: int = 5) -> str:
+    """Two tables of a `compare` folder (variant_runs), mean ± std over seeds: token entropy
+    in `windows` 10-step windows spread over the run; and [B]'s sign rule, each run's mean
+    over its logged steps of dh_sum per quadrant and of their sum (x 1000: the change of the
+    re-scored batch's entropy per valid token), * where it differs from `reference` by more
+    than the seeds' noise (resolved)."""
+    runs = variant_runs(folder)
+    if reference not in runs:
+        raise SystemExit(f"error: --reference {reference!r} is not one of {', '.join(runs)}")
+    steps = min(len(run["rows"]) for rs in runs.values() for run in rs)
+    starts = sorted({round(i * max(0, steps - 10) / max(1, windows - 1)) for i in range(windows)})
+    ends = [min(a + 10, steps) for a in starts]
+    heads = [f"entropy, steps {a}–{b - 1}" for a, b in zip(starts, ends)]
+    lines = ["| variant | " + " | ".join(heads) + " |", "|---|" + "---|" * len(starts)]
+    for name, rs in runs.items():
+        lines.append(f"| {name} | " + " | ".join(mean_std(
+            [sum(r["entropy"] for r in run["rows"][a:b]) / (b - a) for run in rs], 4)
+            for a, b in zip(starts, ends)) + " |")
+    sums = {}
+    for name, rs in runs.items():
+        per_run = [[1000 * sum(x) / max(1, len(x)) for x in
+                    ([r[f"dh_sum_{q}"] for r in run["rows"] if r.get(f"dh_sum_{q}") is not None]
+                     for q in R.QUADRANTS)] for run in rs]
+        sums[name] = [list(col) for col in zip(*per_run)] + [[sum(v) for v in per_run]]
+    lines += ["", "| variant | " + " | ".join(f"dH {q} (x1000)" for q in R.QUADRANTS)
+              + " | dH, all four (x1000) |", "|---|" + "---|" * 5]
+    for name, cols in sums.items():
+        lines.append(f"| {name} | " + " | ".join(
+            mean_std(c) + ("*" if name != reference and resolved(c, sums[reference][i]) else "")
+            for i, c in enumerate(cols)) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def plot_factors(compare_dirs: list[Path], out_path: Path, smooth: int = 5) -> Path:
@@ -567,13 +607,29 @@ def plot_command(argv: list[str]) -> Path:
 
 
 
+def factors_command(argv: list[str]) -> str:
+    """`factors COMPARE_DIR --reference NAME`: factor_tables, printed."""
+    p = argparse.ArgumentParser(prog="tools/rlvr_tools.py factors",
+                                description="Entropy over steps and [B]'s sign-rule quadrants "
+                                            "of a compare folder, per variant, over seeds.")
+    p.add_argument("folder", help="a compare --out-dir")
+    p.add_argument("--reference", required=True, help="the variant the * marks compare with")
+    opts = p.parse_args(argv)
+    text = factor_tables(Path(opts.folder), opts.reference)
+    print(text)
+    return text
+
+
 def main(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "plot":
         return plot_command(argv[1:])
+    if argv and argv[0] == "factors":
+        return factors_command(argv[1:])
     if argv and argv[0] == "compare":
         return compare(argv[1:])
     raise SystemExit("usage: tools/rlvr_tools.py plot RUN_DIR ... -o fig.png | "
+                     "tools/rlvr_tools.py factors COMPARE_DIR --reference NAME | "
                      "tools/rlvr_tools.py compare [--methods ...] [--variant NAME=FLAGS] "
                      "[--seeds N] [--jobs N] [training flags]  (each has --help)")
 
