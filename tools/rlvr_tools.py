@@ -577,7 +577,7 @@ def plot_factors(compare_dirs: list[Path], out_path: Path, smooth: int = 5) -> P
             ax.plot(range(len(mean)), mean, c=f"C{i}", lw=1.5, label=name)
             ax.fill_between(range(len(mean)), low, high, color=f"C{i}", alpha=0.15, lw=0)
         ax.set(title=f"{Path(folder).name}: token entropy ({smooth}-step mean, seeds' range)",
-               xlabel="RL step")
+               xlabel="RL step", yscale="log")  # a run-away and a collapse on one axis
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     return save_figure(fig, out_path)
