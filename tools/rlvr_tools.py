@@ -504,8 +504,8 @@ def plot_overview(run_dirs: list[Path], out_path: Path, smooth: int = 5) -> Path
 def variant_runs(folder: Path) -> dict:
     """The runs of a `compare` folder ({variant}-seed{n}, read_run) as {variant: [runs]},
     variants in compare.md's order, else by name."""
-    runs = {}
-    for d in sorted(Path(folder).glob("*-seed*")):
+    folder, runs = Path(folder), {}
+    for d in sorted(folder.glob("*-seed*")):
         if (d / "metrics.jsonl").is_file():
             runs.setdefault(d.name.rsplit("-seed", 1)[0], []).append(read_run(d))
     if not runs:
