@@ -258,26 +258,25 @@ def compare_table(runs: list[dict], wall: dict, reference: str | None = None) ->
     def name(run: dict) -> str:
         return run.get("variant") or run["args"]["method"]
 
-    def columns(variant: str) -> list[list]:
-        done = [r for r in runs if name(r) == variant and r["summary"]]
-        return [[r["summary"].get(key) for r in done] for key in
-                ("final_accuracy", "final_avg_at_k", "final_pass_at_k", "final_entropy",
-                 "final_distinct_answers", "final_ece")] + [
-                [100 * sum(row[key] for row in r["rows"]) / len(r["rows"]) for r in done]
-                for key in ("clip_frac_low", "clip_frac_high")]
-
+    finished = {v: [r for r in runs if name(r) == v and r["summary"]]
+                for v in dict.fromkeys(map(name, runs))}
+    columns = {v: [[r["summary"].get(key) for r in done] for key in
+                   ("final_accuracy", "final_avg_at_k", "final_pass_at_k", "final_entropy",
+                    "final_distinct_answers", "final_ece")] + [
+                   [100 * sum(row[key] for row in r["rows"]) / len(r["rows"]) for r in done]
+                   for key in ("clip_frac_low", "clip_frac_high")]
+               for v, done in finished.items()}
     names = ["accuracy", f"avg@{k}", f"pass@{k}", "entropy", "distinct answers", "ECE",
              "clip low %", "clip high %"]
-    for variant in dict.fromkeys(map(name, runs)):
-        done = [r for r in runs if name(r) == variant and r["summary"]]
+    for variant, done in finished.items():
         stages = [r["stage_step"] for r in done if r["stage_step"] is not None]
         stage = "none" if not stages else mean_std(stages, 1) + (
             f" ({len(stages)} of {len(done)} runs)" if len(stages) < len(done) else "")
         secs = mean_std([wall[str(r["dir"])] for r in done], 0)
-        cells = " | ".join(map(mean_std, columns(variant))) + f" | {stage} | {secs} |"
+        cells = " | ".join(map(mean_std, columns[variant])) + f" | {stage} | {secs} |"
         if reference:
             cells += (" (the reference) |" if variant == reference else
-                      f" {resolved_cell(columns(variant), columns(reference), names)} |")
+                      f" {resolved_cell(columns[variant], columns[reference], names)} |")
         lines.append(f"| {variant} | {len(done)} | {cells}")
     return "\n".join(lines) + "\n"
 
