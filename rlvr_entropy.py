@@ -131,11 +131,11 @@ def build_prompt(tokenizer, question: str, instruction: str = "") -> str:
 
 # =========================================================================================
 # 2. Verifiable reward
-# r = 1 if the response's final answer equals the gold answer, else 0. The final answer is
-# the *last* marker (\boxed{x}, a '#### x' line, 'the answer is x'): a later one is a
-# self-correction. No "last number in the text" unless asked (--last-number-fallback): it
-# would reward the right number met on the way to a wrong one. Section 11 normalises units,
-# LaTeX and separators and compares exact rationals, in linear time, never evaluating text.
+# r = 1 if the response's final answer equals the gold answer: the *last* marker's (\boxed{x},
+# '#### x', 'the answer is x'; a later one is a self-correction), else a closing sentence's
+# one computed number. Never "the last number in the text" unless asked: it rewards the
+# right number met on the way to a wrong one. Section 11 normalises units, LaTeX and
+# separators and compares exact rationals, in linear time, never evaluating text.
 # =========================================================================================
 
 
@@ -1417,11 +1417,17 @@ _THOUSANDS = re.compile(r"(?<=[0-9])(?:,|\{,\}|\\,)(?=[0-9]{3}(?![0-9]))")
 _TEXT = re.compile(r"\\(?:text|textrm|textbf|textit|mathrm|mathbf|mbox|operatorname) ?\{([^{}]*)\}")
 _FRAC = re.compile(r"\\[dt]?frac")
 _MIXED_WHOLE = re.compile(r"(?<![0-9.])(-?)([0-9]+) ?$")  # the whole part just before a fraction
-_UNITS = re.compile(r"[a-z .'/()-]*(?:\^\{?[23]\}?|[\u00b2\u00b3])?[a-z .'/()-]*")
+_UNITS = re.compile(r"[a-z .'/()-]*(?:\^\{?[23]\}?)?[a-z .'/()-]*")
 _SPACE_NOT_BETWEEN_DIGITS = re.compile(r"(?<![0-9]) | (?![0-9])")
-_PHRASE = re.compile(r"[*_ \t]{0,4}(?:(?:is|was|would be|will be|should be|equals)\b|[:=])?"
+_PHRASE = re.compile(r"(?: to the (?:question|problem)(?= is\b))?[*_ \t]{0,4}"
+                     r"((?:is|was|would be|will be|should be|equals)\b|[:=])?"
                      r"[*_ \t:]{0,6}(?:(?:therefore|thus|then|so|simply|just|clearly|indeed)"
                      r"[ \t,]{1,3})?")
+# Words that make a stated number no answer: a negation, a hedge, a bound, a condition.
+_HEDGE = re.compile(r"\b(?:not|no|never|either|or|between|about|approximately|around|roughly|"
+                    r"nearly|almost|maybe|perhaps|probably|least|most|(?:more|less|fewer) than|"
+                    r"if|unless)\b|n't")
+_RESULT = re.compile(r"=[ \t$\\*]{0,6}(-?[0-9]+(?:,[0-9]{3})*(?:\.[0-9]+)?)")  # '= \$1,200'
 _LATEX_SPACE = ("\\left", "\\right", "\\displaystyle", "\\!", "\\,", "\\;", "\\:", "\\ ",
                 "\\quad", "\\qquad", "~", "\\(", "\\)", "\\[", "\\]", "**", "__")
 _LATEX_DROP = ("^{\\circ}", "^\\circ", "\\circ", "\\degree", "\u00b0", "\\%", "%", "\\$", "$")
@@ -1501,17 +1507,55 @@ def _last_phrase_answer(text: str) -> tuple[int, str | None]:
         if final and rest.lstrip(" \t*_:").startswith("\n"):  # '### Final Answer' heading
             rest = rest.lstrip(" \t*_:\n")
         rest = rest.split("\n", 1)[0]
-        stop = re.search(r"[.,;!?](?:\s|$)", rest)  # the sentence ends; '18.5' does not
+        stop = re.search(r"[.,;!?](?:\s|$)", rest)  # the clause ends; '18.5' does not
         answer = rest[:stop.start()] if stop else rest
-        if parse_number(normalize_answer(answer)) is not None:
+        if stop and re.match(r",\s*[-$\\]*[0-9]", rest[stop.start():]):
+            continue  # 'the answer is 17, 18, 19': an enumeration
+        if parse_number(normalize_answer(answer)) is not None and not _HEDGE.search(answer.lower()):
+            return k, answer
+        # 'The answer is: Henry baked 50 cookies.' states one number in a sentence
+        if (final or tail.group(1)) and (answer := _sentence_answer(rest)) is not None:
             return k, answer
     return -1, None
 
 
+def _sentence_answer(text: str) -> str | None:
+    """The one number that the sentence opening `text` states, after its last '=' if it has
+    one: 'he needs 6 more boxes.' -> '6'. None if it states two or more ('John has 5 and
+    Mary 7'), or negates or hedges ('not 18', 'either 5 or 6', 'about 18'): a careful
+    grader does not guess between them."""
+    stop = re.search(r"[.;!?](?:\s|$)", text)
+    sentence = text[:stop.start()] if stop else text
+    if _HEDGE.search(sentence.lower()):
+        return None
+    s = normalize_answer(sentence)
+    found = [m.group() for m in _NUMBER.finditer(s) if s[m.start() - 1:m.start()] != "^"]
+    values = {parse_number(n) for n in found}
+    return found[0] if len(values) == 1 and None not in values else None
+
+
+def _final_sentence_answer(text: str) -> str | None:
+    """With no marker at all, the number of the response's closing sentence ('Therefore,
+    the fourth child is 72 inches tall.'), read by _sentence_answer, if the work computed
+    it: the same value follows an '=' somewhere (a number restated from the question does
+    not). A closing question, or a line with fewer than two words ('3+4=7'), states none."""
+    tail = text[-MAX_ANSWER_CHARS:].rstrip(" \t\n*_")
+    parts = re.split(r"[.!?](?=\s)|\n\s*\n", tail.rstrip(".!"))  # sentences, paragraphs
+    if tail.endswith("?") or (len(parts) == 1 and len(text) > MAX_ANSWER_CHARS) \
+            or len(re.findall(r"[a-z]+", parts[-1].lower())) < 2:
+        return None
+    answer = _sentence_answer(parts[-1])
+    value = answer and parse_number(normalize_answer(answer))
+    computed = {m.group(1).replace(",", "") for m in _RESULT.finditer(text)}
+    return answer if value is not None and value in map(Fraction, computed) else None
+
+
 def extract_answer(text: str, last_number_fallback: bool = False) -> str | None:
     """Final answer of a response: the content of the last final-answer marker (a
-    \\boxed{}, a '####' line that reads as a number, or an answer phrase), as raw text.
-    A last box that never closes means the response was cut off: no answer. A '####'
+    \\boxed{}, a '####' line that reads as a number, or an answer phrase followed by a
+    number or by a sentence stating one), as raw text. With no marker, the closing
+    sentence's computed number (_final_sentence_answer). A last box that never closes means
+    the response was cut off: no answer. A '####'
     line that is not a number ('#### Yes') counts only when no other marker exists. With
     last_number_fallback, the last number in the text when there is no marker at all.
     None if there is no answer."""
@@ -1522,6 +1566,8 @@ def extract_answer(text: str, last_number_fallback: bool = False) -> str | None:
                      key=lambda c: c[0])
     if at >= 0:
         return answer  # None if the last box is unclosed
+    if (closing := _final_sentence_answer(text)) is not None:
+        return closing
     if heading is not None:
         return heading
     if last_number_fallback:
@@ -1590,9 +1636,10 @@ def normalize_answer(s: str) -> str:
     Longer than MAX_ANSWER_CHARS: returned as it is (spam, never parsed)."""
     if len(s) > MAX_ANSWER_CHARS:
         return s
-    s = unicodedata.normalize("NFKC", s).replace("\u2212", "-").replace("\u2013", "-").lower()
+    s = unicodedata.normalize("NFKC", s.replace("\u00b2", "^2").replace("\u00b3", "^3"))
+    s = s.replace("\u2212", "-").replace("\u2013", "-").lower()
     s = _TEXT.sub(r"\1", _TEXT.sub(r"\1", s))  # twice: '\text{\textbf{18}}'
-    s = _THOUSANDS.sub("", s)
+    s = _THOUSANDS.sub("", re.sub(r"\\(?=[0-9])", "", s))  # '\15': a stray backslash
     for junk in _LATEX_DROP:
         s = s.replace(junk, "")
     for space in _LATEX_SPACE:

@@ -232,6 +232,8 @@ HOSTILE = [
     "#### a\n" * 150_000,                          # 150,000 headings
     "\\boxed{" + "2\\frac{" * 150_000 + "}",       # fractions that never close
     "The answer is " + "1 " * 500_000,             # a phrase followed by 1 MB of digits
+    "= 1 " * 250_000 + ". So the total is 7 apples.",  # 250,000 results, none the closing one
+    "".join(f"={i} " for i in range(150_000)) + ". So it is 7.5.",  # 150,000 distinct ones
 ]
 
 
@@ -256,6 +258,61 @@ def test_reward_agrees_with_math_verify():
         assert R.math_verify_reward(completion, gold) == expected, completion
         checked += 1
     assert checked == 70  # every case but the 13 set aside above
+
+
+# The real-style set: completions written for this project in the shapes real models
+# produce (Qwen chat markdown, "The answer is" sentences, bare closing sentences, malformed
+# and decorated boxes, units and money, MetaMath, tool-integrated, hostile), each labelled
+# by hand with the reason. Every label is one a careful human grader would give.
+REAL_STYLE = [json.loads(line) for line in (HERE / "testdata" / "reward_cases.jsonl").open()]
+
+
+def test_real_style_set_covers_the_styles():
+    styles = {c["style"] for c in REAL_STYLE}
+    assert len(REAL_STYLE) >= 150 and {"qwen-markdown", "answer-is-sentence", "final-sentence",
+                                       "boxes", "units-money", "hostile"} <= styles
+    assert all(c["label"] in (0, 1) and c["why"] for c in REAL_STYLE)
+
+
+@pytest.mark.parametrize("case", REAL_STYLE, ids=range(len(REAL_STYLE)))
+def test_math_reward_agrees_with_the_real_style_labels(case):
+    assert R.math_reward(case["completion"], case["gold"]) == case["label"], case["why"]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="math-verify uses signals")
+def test_real_style_agreement_of_both_graders(capsys):
+    """Reports both graders' agreement with the labels (docs/reward.md quotes it)."""
+    pytest.importorskip("math_verify")
+    ours = sum(R.math_reward(c["completion"], c["gold"]) == c["label"] for c in REAL_STYLE)
+    theirs = sum(R.math_verify_reward(c["completion"], c["gold"]) == c["label"]
+                 for c in REAL_STYLE)
+    with capsys.disabled():
+        print(f"\nreal-style set, {len(REAL_STYLE)} cases: math_reward agrees on {ours}, "
+              f"math-verify on {theirs}")
+    assert ours == len(REAL_STYLE)
+
+
+def test_the_new_rules_refuse_what_is_not_one_stated_answer():
+    """Each new rule (an answer sentence, a closing sentence) reads one stated, computed
+    number, and nothing else: hand-labelled refusals beside the readings they guard."""
+    work = "20 * 3 = 60 cups. 15 + 25 = 40 cups.\n"
+    assert R.math_reward(work + "The answer is she needs 20 more cups.", "20") == 1.0
+    assert R.math_reward(work + "The answer is she needs 20 cups for 3 meals.", "20") == 0.0
+    assert R.math_reward(work + "The answer is either 20 or 25.", "20") == 0.0
+    assert R.math_reward(work + "The answer is about 20 cups.", "20") == 0.0
+    assert R.math_reward(work + "The answer is not 20.", "20") == 0.0
+    assert R.math_reward(work + "The answer is 20, 25, 30.", "20") == 0.0  # an enumeration
+    assert R.math_reward(work + "So 60 - 40 = 20 cups are left.", "20") == 1.0
+    assert R.math_reward(work + "So she feeds 20 chickens.", "20") == 0.0  # restated, not computed
+    assert R.math_reward(work + "So she needs 20 cups for 3 chickens.", "20") == 0.0
+    assert R.math_reward(work + "Does she need 40 cups?", "40") == 0.0  # a question
+    assert R.math_reward(work + "So she needs 40 cups.", "40") == 1.0
+    assert R.math_reward(work + "So she needs 40 cups.", "40", last_number_fallback=True) == 1.0
+    assert R.math_reward("1+2=3 3+4=7", "7") == 0.0  # equations are no sentence
+    assert R.extract_answer(work + "Therefore, she has $1,200 left. = 1,200") is None
+    assert R.extract_answer("= 1,200\nTherefore, she has $1,200 left.") == "1200"
+    assert R.normalize_answer("\\15") == "15"  # a stray backslash: '\boxed{\15}'
+    assert R.normalize_answer("12 cm\u00b2") == "12"
 
 
 # ----------------------------------------------------------------------------- data
