@@ -323,10 +323,10 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float | None:
 
 
 def quantile(x: torch.Tensor, q: float) -> torch.Tensor:
-    """torch.quantile(x, q) of a 1-D tensor (linear interpolation), without its limit of
-    2^24 elements (a batch of the papers' size has far more tokens): the order statistics
-    at floor and ceil of q (n - 1), by kthvalue, then lerp, with the rank computed in x's
-    dtype as torch does, so the value is the same to the bit. (N,) -> scalar tensor."""
+    """torch.quantile(x, q) of a 1-D tensor (linear interpolation), without the limit of
+    2^24 elements that torch 2.13 has (a batch of the papers' size has far more tokens): the
+    order statistics at floor and ceil of q (n - 1), by kthvalue, then lerp, the rank in x's
+    dtype as torch computes it (its last bit can move between releases). (N,) -> scalar."""
     rank = torch.tensor(q, dtype=x.dtype) * (len(x) - 1)
     low = int(rank.floor())
     below, above = x.kthvalue(low + 1).values, x.kthvalue(min(low + 2, len(x))).values
@@ -1538,13 +1538,16 @@ def _final_sentence_answer(text: str) -> str | None:
     """With no marker at all, the number of the response's closing sentence ('Therefore,
     the fourth child is 72 inches tall.'), read by _sentence_answer, if the work computed
     it: the same value follows an '=' somewhere (a number restated from the question does
-    not). A closing question, or a line with fewer than two words ('3+4=7'), states none."""
+    not). Up to two closing lines with no digit ('I hope this helps!') are passed over. A
+    question, or a line of fewer than two words ('3+4=7', '3c+8o1=92'), states none."""
     tail = text[-MAX_ANSWER_CHARS:].rstrip(" \t\n*_")
-    parts = re.split(r"[.!?](?=\s)|\n\s*\n", tail.rstrip(".!"))  # sentences, paragraphs
-    if tail.endswith("?") or (len(parts) == 1 and len(text) > MAX_ANSWER_CHARS) \
-            or len(re.findall(r"[a-z]+", parts[-1].lower())) < 2:
+    parts = [p for p in re.split(r"(?<=[.!?])(?=\s)|\n\s*\n", tail) if p.strip()]
+    parts = parts[1:] if len(text) > MAX_ANSWER_CHARS else parts  # the first may be cut
+    closing = next((p for p in reversed(parts[-3:]) if re.search(r"[0-9]", p)), "")
+    words = [w for w in closing.split() if w.strip(".,;:!?*_()'\"").isalpha()]
+    if closing.endswith("?") or len(words) < 2:
         return None
-    answer = _sentence_answer(parts[-1])
+    answer = _sentence_answer(closing)
     value = answer and parse_number(normalize_answer(answer))
     computed = {m.group(1).replace(",", "") for m in _RESULT.finditer(text)}
     return answer if value is not None and value in map(Fraction, computed) else None
