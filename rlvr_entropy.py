@@ -1547,21 +1547,19 @@ def _final_sentence_answer(text: str) -> str | None:
     words = [w for w in closing.split() if w.strip(".,;:!?*_()'\"").isalpha()]
     if closing.endswith("?") or len(words) < 2:
         return None
-    answer = _sentence_answer(closing)
-    value = answer and parse_number(normalize_answer(answer))
-    computed = {m.group(1).replace(",", "") for m in _RESULT.finditer(text)}
-    return answer if value is not None and value in map(Fraction, computed) else None
+    value = parse_number(answer) if (answer := _sentence_answer(closing)) else None
+    return answer if value is not None and value in map(Fraction, {
+        m.group(1).replace(",", "") for m in _RESULT.finditer(text)}) else None
 
 
 def extract_answer(text: str, last_number_fallback: bool = False) -> str | None:
     """Final answer of a response: the content of the last final-answer marker (a
     \\boxed{}, a '####' line that reads as a number, or an answer phrase followed by a
-    number or by a sentence stating one), as raw text. With no marker, the closing
+    number or by a sentence stating one), as raw text; with no marker, the closing
     sentence's computed number (_final_sentence_answer). A last box that never closes means
-    the response was cut off: no answer. A '####'
-    line that is not a number ('#### Yes') counts only when no other marker exists. With
-    last_number_fallback, the last number in the text when there is no marker at all.
-    None if there is no answer."""
+    the response was cut off: no answer. A '####' line that is not a number ('#### Yes')
+    counts only when no other marker exists. With last_number_fallback, the last number in
+    the text when there is no marker at all. None if there is no answer."""
     box_at, box = _last_box(text)
     hash_at, hash_answer, heading = _last_hash_answer(text)
     phrase_at, phrase = _last_phrase_answer(text)
